@@ -1,0 +1,95 @@
+"""Process-group setup: torchrun environment or a single process; device; seeds; mpu.
+
+The one place where the device and backend are chosen: CUDA with nccl when
+available (or asked), otherwise CPU with gloo.
+"""
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def select_device(device="auto"):
+    """torch.device for `training.device` (auto|cpu|cuda), with the local rank's GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device=cuda but CUDA is not available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def world_size_from_env():
+    """WORLD_SIZE as torchrun sets it (1 when run as plain python or before init)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device):
+    """Create the default process group from torchrun's env or as a world of one.
+
+    Reuses an existing default group (tests that launch their own processes).
+    """
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # Plain `python pretrain_gpt.py`: a one-process world on a free loopback port.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    torch.distributed.init_process_group(
+        backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(minutes=int(os.environ.get("MEGATRON_DIST_TIMEOUT_MIN", "30"))),
+        **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def set_seeds(seed):
+    """Seed python, numpy and torch identically on every rank; mpu's tracker per TP rank."""
+    from megatron import mpu
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    mpu.model_parallel_seed(seed)
+
+
+def initialize_megatron(cfg):
+    """Set up device, process groups, model-parallel groups and seeds; return the device.
+
+    `cfg` must already be finalized for the world size (config.finalize), so
+    layout errors surface before any process group exists.
+    """
+    from megatron import mpu
+    device = select_device(cfg.training.device)
+    init_distributed(device)
+    p = cfg.parallel
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                      p.virtual_pipeline_model_parallel_size)
+    set_seeds(cfg.training.seed)
+    return device
+
+
+def destroy_megatron():
+    """Tear down model-parallel groups and the default group (if this process made them)."""
+    from megatron import mpu
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
