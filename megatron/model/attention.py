@@ -1,0 +1,53 @@
+"""Causal self-attention with heads split across tensor-parallel ranks."""
+import torch
+
+from megatron import fused_kernels, mpu
+
+
+class ParallelAttention(torch.nn.Module):
+    """GPT-2 self-attention: fused QKV (column-parallel), causal core, output projection (row-parallel).
+
+    The QKV output columns are ordered per head, [np, 3, hn], so each TP rank's
+    column shard holds whole heads and attention needs no communication.
+    ``selective_recompute`` runs the attention core (scores, softmax, dropout,
+    weighted sum: the activations that grow with s^2) under
+    ``mpu.checkpoint``, recomputing it in backward instead of storing it.
+    ``forward`` returns (output, bias) with the ``dense`` bias not yet added.
+    """
+
+    def __init__(self, hidden_size, num_attention_heads, attention_dropout, init_method,
+                 output_init_method, sequence_parallel=False, selective_recompute=False):
+        super().__init__()
+        tp = mpu.get_tensor_model_parallel_world_size()
+        self.head_dim = hidden_size // num_attention_heads
+        self.local_heads = num_attention_heads // tp
+        self.attention_dropout = attention_dropout
+        self.selective_recompute = selective_recompute
+        self.query_key_value = mpu.ColumnParallelLinear(
+            hidden_size, 3 * hidden_size, bias=True, gather_output=False,
+            init_method=init_method, sequence_parallel=sequence_parallel)
+        self.dense = mpu.RowParallelLinear(
+            hidden_size, hidden_size, bias=True, input_is_parallel=True,
+            init_method=output_init_method, skip_bias_add=True,
+            sequence_parallel=sequence_parallel)
+
+    def _core(self, q, k, v):
+        # Each TP rank holds different heads, so attention dropout draws from
+        # the model-parallel RNG (different on each TP rank).
+        with mpu.get_rng_tracker().fork():
+            return fused_kernels.core_attention(q, k, v, dropout_p=self.attention_dropout,
+                                                training=self.training)
+
+    def forward(self, hidden_states):
+        """[s(/tp), b, h] -> ([s(/tp), b, h], bias [h])."""
+        qkv, _ = self.query_key_value(hidden_states)
+        s, b = qkv.shape[0], qkv.shape[1]
+        qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)
+        # [s, b, np, 3, hn] -> 3 x [b, np, s, hn]
+        q, k, v = qkv.permute(3, 1, 2, 0, 4).unbind(0)
+        if self.selective_recompute and self.training and torch.is_grad_enabled():
+            context = mpu.checkpoint(self._core, q, k, v)
+        else:
+            context = self._core(q, k, v)
+        context = context.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        return self.dense(context)

@@ -1,0 +1,57 @@
+"""GPT-2 input embedding: vocab-parallel word embeddings plus learned positions."""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from megatron import mpu
+from megatron.model.utils import (POSITION_EMBEDDINGS, WORD_EMBEDDINGS, init_method_normal,
+                                  seeded_init)
+
+
+def build_word_embeddings(cfg, padded_vocab_size):
+    """The vocab-parallel word embedding, seeded by its global position.
+
+    Used by the first stage and, for the tied output layer, by a last stage
+    that is not the first: both get the same initial weight.
+    """
+    with seeded_init(cfg.training.seed, WORD_EMBEDDINGS):
+        return mpu.VocabParallelEmbedding(
+            padded_vocab_size, cfg.model.hidden_size,
+            init_method=init_method_normal(cfg.model.init_method_std),
+            params_dtype=torch.float32)
+
+
+class Embedding(torch.nn.Module):
+    """Word + position embeddings and dropout; returns hidden states [s, b, h].
+
+    With ``sequence_parallel`` the output is this rank's sequence shard
+    [s/tp, b, h] and its dropout runs under the model-parallel RNG (each rank
+    drops different positions of a different shard). Without it, the output is
+    replicated across TP ranks and dropout uses the default generator, which
+    is in the same state on every TP rank.
+    """
+
+    def __init__(self, cfg, padded_vocab_size, sequence_parallel=False):
+        super().__init__()
+        m = cfg.model
+        self.word_embeddings = build_word_embeddings(cfg, padded_vocab_size)
+        max_positions = m.max_position_embeddings or m.seq_length
+        with seeded_init(cfg.training.seed, POSITION_EMBEDDINGS):
+            self.position_embeddings = torch.nn.Embedding(max_positions, m.hidden_size)
+            init_method_normal(m.init_method_std)(self.position_embeddings.weight.data)
+        self.dropout = m.hidden_dropout
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, input_ids, position_ids):
+        """input_ids, position_ids: [b, s] -> [s, b, h] (or [s/tp, b, h] with SP)."""
+        words = self.word_embeddings(input_ids)
+        positions = self.position_embeddings(position_ids)
+        x = (words + positions).transpose(0, 1).contiguous()
+        if self.sequence_parallel:
+            x = mpu.scatter_to_sequence_parallel_region(x)
+            rng = mpu.get_rng_tracker().fork()
+        else:
+            rng = contextlib.nullcontext()
+        with rng:
+            return F.dropout(x, p=self.dropout, training=self.training)

@@ -1,0 +1,156 @@
+"""GPTModel: GPT-2 built from tensor-parallel layers, one pipeline chunk at a time."""
+import torch
+import torch.nn.functional as F
+
+from megatron import fused_kernels, mpu
+from megatron.model.embedding import Embedding, build_word_embeddings
+from megatron.model.transformer import ParallelTransformerLayer
+from megatron.model.utils import (FINAL_LAYERNORM, layer_position, mark_replicated,
+                                  mark_sequence_parallel, seeded_init, stage_layer_range)
+
+RECOMPUTE_CHOICES = ("none", "full", "selective")
+
+
+def check_model_layout(cfg, padded_vocab_size, tensor_parallel_size):
+    """Raise ValueError (one line, with the numbers) when the shapes do not split over TP."""
+    m = cfg.model
+    h, heads, tp = m.hidden_size, m.num_attention_heads, tensor_parallel_size
+    ffn = m.ffn_hidden_size or 4 * h
+    if h % heads != 0:
+        raise ValueError(f"hidden_size={h} is not divisible by num_attention_heads={heads}")
+    if heads % tp != 0:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    if ffn % tp != 0:
+        raise ValueError(f"ffn_hidden_size={ffn} is not divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    if padded_vocab_size % tp != 0:
+        raise ValueError(f"padded_vocab_size={padded_vocab_size} is not divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    if cfg.parallel.sequence_parallel and m.seq_length % tp != 0:
+        raise ValueError(f"sequence_parallel needs seq_length={m.seq_length} divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    max_positions = m.max_position_embeddings or m.seq_length
+    if m.seq_length > max_positions:
+        raise ValueError(f"seq_length={m.seq_length} exceeds "
+                         f"max_position_embeddings={max_positions}")
+    if cfg.training.recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"training.recompute={cfg.training.recompute!r} is not one of "
+                         f"{', '.join(RECOMPUTE_CHOICES)}")
+
+
+class GPTModel(torch.nn.Module):
+    """GPT-2 (learned positions, pre-LN layers, final LN, output layer tied to the word embedding).
+
+    One instance is one pipeline model chunk: the layers it holds are chosen
+    from ``mpu.parallel_state`` (pipeline rank and virtual rank), the embedding
+    exists when ``pre_process``, the final LayerNorm, output layer and loss when
+    ``post_process``. Every module is initialized from a seed derived from
+    ``cfg.training.seed`` and its global position, and parameter names use
+    global layer indices, so weights and ``state_dict`` keys do not depend on
+    the TP / PP layout.
+
+    ``forward(input_ids, position_ids, labels=None)`` returns, on a last stage,
+    the per-token loss [b, s] (fp32) when ``labels`` is given, else the
+    vocab-parallel logits [b, s, V/TP]; on other stages, hidden states
+    [s, b, h] ([s/tp, b, h] with sequence parallelism).
+    """
+
+    def __init__(self, cfg, padded_vocab_size, pre_process=True, post_process=True):
+        super().__init__()
+        ps = mpu.parallel_state
+        tp = ps.get_tensor_model_parallel_world_size()
+        check_model_layout(cfg, padded_vocab_size, tp)
+        self.cfg = cfg
+        self.padded_vocab_size = padded_vocab_size
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.sequence_parallel = bool(cfg.parallel.sequence_parallel) and tp > 1
+        self.recompute = cfg.training.recompute
+        self.input_tensor = None
+
+        pp_size = ps.get_pipeline_model_parallel_world_size()
+        vp_size = ps.get_virtual_pipeline_model_parallel_world_size()
+        start, end = stage_layer_range(
+            cfg.model.num_layers, pp_size, ps.get_pipeline_model_parallel_rank(),
+            vp_size, ps.get_virtual_pipeline_model_parallel_rank())
+        self.layer_range = (start, end)
+
+        if pre_process:
+            self.embedding = Embedding(cfg, padded_vocab_size, self.sequence_parallel)
+        elif post_process:
+            # A last stage that is not the first keeps its own copy of the word
+            # embedding for the output layer, initialized equal to the first
+            # stage's (same seed); the embedding group keeps their grads equal.
+            self.embedding = torch.nn.Module()
+            self.embedding.word_embeddings = build_word_embeddings(cfg, padded_vocab_size)
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        if pre_process or post_process:
+            self.embedding.word_embeddings.weight.tied_embedding = True
+
+        layers = {}
+        for i in range(start, end):
+            with seeded_init(cfg.training.seed, layer_position(i)):
+                layers[str(i)] = ParallelTransformerLayer(cfg, self.sequence_parallel)
+            if cfg.training.compile:
+                # Module.compile keeps the parameter names (no "_orig_mod.").
+                layers[str(i)].compile()
+        self.layers = torch.nn.ModuleDict(layers)
+
+        if post_process:
+            with seeded_init(cfg.training.seed, FINAL_LAYERNORM):
+                self.final_layernorm = fused_kernels.LayerNorm(
+                    cfg.model.hidden_size, eps=cfg.model.layernorm_epsilon)
+            if self.sequence_parallel:
+                mark_sequence_parallel(self.final_layernorm.parameters())
+        mark_replicated(self)
+
+    def set_input_tensor(self, input_tensor):
+        """Set the hidden states a non-first pipeline stage starts from."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "one model chunk takes one input tensor"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def word_embeddings_weight(self):
+        """The (local shard of the) word-embedding weight used by the output layer."""
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, input_ids, position_ids=None, labels=None):
+        """See the class docstring; ``position_ids`` None means 0..s-1."""
+        if self.pre_process:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+                position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
+            hidden_states = self.embedding(input_ids, position_ids)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() "
+                                   "before forward")
+            hidden_states = self.input_tensor
+
+        for layer in self.layers.values():
+            if self.recompute == "full" and self.training and torch.is_grad_enabled():
+                hidden_states = mpu.checkpoint(layer, hidden_states)
+            else:
+                hidden_states = layer(hidden_states)
+
+        if not self.post_process:
+            return hidden_states
+        hidden_states = self.final_layernorm(hidden_states)
+        return self._output_layer(hidden_states, labels)
+
+    def _output_layer(self, hidden_states, labels):
+        # The logits' grad w.r.t. the hidden states is a partial sum over the
+        # vocab shards: f (copy) all-reduces it in backward; with sequence
+        # parallelism the all-gather's backward reduce-scatters it instead.
+        if self.sequence_parallel:
+            hidden_states = mpu.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True)
+        else:
+            hidden_states = mpu.copy_to_tensor_model_parallel_region(hidden_states)
+        logits = F.linear(hidden_states, self.word_embeddings_weight())  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = mpu.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1).contiguous()

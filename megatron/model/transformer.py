@@ -1,0 +1,60 @@
+"""One pre-LayerNorm GPT-2 transformer layer built from tensor-parallel parts."""
+import contextlib
+
+import torch
+
+from megatron import fused_kernels, mpu
+from megatron.model.attention import ParallelAttention
+from megatron.model.mlp import ParallelMLP
+from megatron.model.utils import init_method_normal, mark_sequence_parallel, scaled_init_method_normal
+
+
+class ParallelTransformerLayer(torch.nn.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)), with dropout on each residual branch.
+
+    Hidden states are [s, b, h], or [s/tp, b, h] with sequence parallelism,
+    where the LayerNorms and residual dropouts act on this rank's sequence
+    shard (their parameters' grads are then partial: marked
+    ``sequence_parallel`` for the TP all-reduce in ``finalize_model_grads``).
+    """
+
+    def __init__(self, cfg, sequence_parallel=False):
+        super().__init__()
+        m = cfg.model
+        h = m.hidden_size
+        ffn = m.ffn_hidden_size or 4 * h
+        init = init_method_normal(m.init_method_std)
+        output_init = scaled_init_method_normal(m.init_method_std, m.num_layers)
+        self.hidden_dropout = m.hidden_dropout
+        self.sequence_parallel = sequence_parallel
+        self.input_layernorm = fused_kernels.LayerNorm(h, eps=m.layernorm_epsilon)
+        self.self_attention = ParallelAttention(
+            h, m.num_attention_heads, m.attention_dropout, init, output_init,
+            sequence_parallel=sequence_parallel,
+            selective_recompute=(cfg.training.recompute == "selective"))
+        self.post_attention_layernorm = fused_kernels.LayerNorm(h, eps=m.layernorm_epsilon)
+        self.mlp = ParallelMLP(h, ffn, init, output_init, sequence_parallel=sequence_parallel)
+        if sequence_parallel:
+            mark_sequence_parallel([*self.input_layernorm.parameters(),
+                                    *self.post_attention_layernorm.parameters(),
+                                    self.self_attention.dense.bias, self.mlp.dense_4h_to_h.bias])
+
+    def _residual_rng(self):
+        # Residual dropout acts on replicated activations unless the sequence
+        # is split, in which case each rank holds a different shard and must
+        # draw its own mask from the model-parallel RNG.
+        if self.sequence_parallel:
+            return mpu.get_rng_tracker().fork()
+        return contextlib.nullcontext()
+
+    def forward(self, hidden_states):
+        """[s(/tp), b, h] -> [s(/tp), b, h]."""
+        out, bias = self.self_attention(self.input_layernorm(hidden_states))
+        with self._residual_rng():
+            hidden_states = fused_kernels.bias_dropout_add(
+                out, bias, hidden_states, self.hidden_dropout, self.training)
+        out, bias = self.mlp(self.post_attention_layernorm(hidden_states))
+        with self._residual_rng():
+            hidden_states = fused_kernels.bias_dropout_add(
+                out, bias, hidden_states, self.hidden_dropout, self.training)
+        return hidden_states
