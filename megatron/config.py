@@ -358,11 +358,15 @@ def finalize(cfg, world_size=1):
     if p.sequence_parallel and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
-    if (t.train_iters is None) == (t.train_samples is None):
-        raise ConfigError(f"set exactly one of training.train_iters ({t.train_iters}) and "
-                          f"training.train_samples ({t.train_samples})")
+    if t.train_iters is None and t.train_samples is None:
+        raise ConfigError("set training.train_iters or training.train_samples (both are null)")
     if t.train_samples is not None:
-        t.train_iters = math.ceil(t.train_samples / t.global_batch_size)
+        iters = math.ceil(t.train_samples / t.global_batch_size)
+        if t.train_iters is not None and t.train_iters != iters:
+            raise ConfigError(f"training.train_iters={t.train_iters} contradicts "
+                              f"training.train_samples={t.train_samples} / global_batch_size="
+                              f"{t.global_batch_size} = {iters} iterations; set only one")
+        t.train_iters = iters
     if t.train_iters < 0:
         raise ConfigError(f"training.train_iters={t.train_iters} must not be negative")
     if o.lr_decay_iters is None:

@@ -58,7 +58,7 @@ def init_distributed(device):
         **({"device_id": device} if device.type == "cuda" else {}))
 
 
-def set_seeds(seed):
+def set_seeds(seed, device=None):
     """Seed python, numpy and torch identically on every rank; mpu's tracker per TP rank."""
     from megatron import mpu
     random.seed(seed)
@@ -66,7 +66,7 @@ def set_seeds(seed):
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-    mpu.model_parallel_seed(seed)
+    mpu.model_parallel_seed(seed, device)
 
 
 def initialize_megatron(cfg):
@@ -82,7 +82,7 @@ def initialize_megatron(cfg):
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                       p.virtual_pipeline_model_parallel_size)
-    set_seeds(cfg.training.seed)
+    set_seeds(cfg.training.seed, device)
     return device
 
 

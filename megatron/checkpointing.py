@@ -1,0 +1,324 @@
+"""Per-rank checkpoints with atomic writes and exact resume.
+
+Layout: `{save}/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt` plus
+`{save}/latest_checkpointed_iteration.txt`. Every rank writes into
+`iter_{N:07d}.tmp`; after a barrier global rank 0 renames it into place and then
+rewrites the latest file (temporary name, then rename), so a crash while saving
+leaves the previous checkpoint and its latest file untouched. Everything stored
+is made of tensors, numbers, strings, lists and dicts so that
+`torch.load(weights_only=True)` reads it.
+"""
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from megatron.logging import print_rank_0
+
+LATEST = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with this configuration (one-line message)."""
+
+
+def iteration_dir(root, iteration):
+    """`{root}/iter_{N:07d}`."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def rank_dir_name(tp_rank, pp_rank, pp_size):
+    """`mp_rank_XX` without pipelining, `mp_rank_XX_YYY` with it (Megatron's names)."""
+    if pp_size == 1:
+        return f"mp_rank_{tp_rank:02d}"
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _my_rank_dir_name():
+    from megatron import mpu
+    return rank_dir_name(mpu.get_tensor_model_parallel_rank(),
+                         mpu.get_pipeline_model_parallel_rank(),
+                         mpu.get_pipeline_model_parallel_world_size())
+
+
+def read_latest_iteration(root):
+    """The iteration named by the latest file under `root`, or None when there is none."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
+
+
+def _atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------- RNG states
+def get_rng_state():
+    """Every RNG state of this process as tensors/lists (weights_only-loadable)."""
+    from megatron import mpu
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "tracker": mpu.get_rng_tracker().get_states(),
+    }
+    return state
+
+
+def set_rng_state(state):
+    """Restore what get_rng_state() returned."""
+    from megatron import mpu
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["gauss"]))
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    mpu.get_rng_tracker().set_states(state["tracker"])
+
+
+def _gather_rng_states_over_dp():
+    """RNG states of every DP rank (rank-ordered), so that DP rank 0 can store them all."""
+    from megatron import mpu
+    state = get_rng_state()
+    dp = mpu.get_data_parallel_world_size()
+    if dp == 1 or not torch.distributed.is_initialized():
+        return [state]
+    gathered = [None] * dp
+    torch.distributed.all_gather_object(gathered, state, group=mpu.get_data_parallel_group())
+    return gathered
+
+
+# ---------------------------------------------------------------- save
+def _unwrap(chunk):
+    """The GPTModel inside a DDP / compile wrapper, so names match the plain model."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    while hasattr(chunk, "_orig_mod"):
+        chunk = chunk._orig_mod
+    return chunk
+
+
+def _model_state(model_chunks):
+    if len(model_chunks) == 1:
+        return {"model": _unwrap(model_chunks[0]).state_dict()}
+    return {f"model{i}": _unwrap(c).state_dict() for i, c in enumerate(model_chunks)}
+
+
+def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, scheduler,
+                    extra=None):
+    """Save everything needed to resume at `iteration` under `cfg.checkpoint.save`.
+
+    Collective: every rank calls it. Only DP rank 0 of each model-parallel rank
+    writes the model file; a sharded optimizer's state goes into one file per
+    DP rank beside it.
+    """
+    from megatron import mpu
+    root = cfg.checkpoint.save
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    final_dir = iteration_dir(root, iteration)
+    tmp_dir = final_dir + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        # A leftover from a crash while saving this iteration before.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _barrier()
+    rank_dir = os.path.join(tmp_dir, _my_rank_dir_name())
+    rng_states = _gather_rng_states_over_dp()
+    dp_rank = mpu.get_data_parallel_rank()
+    sharded = bool(getattr(optimizer, "is_sharded", False))
+    if dp_rank == 0:
+        os.makedirs(rank_dir, exist_ok=True)
+        state = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "config": cfg.to_dict(),
+            "parallel": {
+                "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+                "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+                "virtual_pipeline_model_parallel_size": len(model_chunks),
+                "data_parallel_size": mpu.get_data_parallel_world_size(),
+            },
+            "rng_state": rng_states,
+            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        state.update(_model_state(model_chunks))
+        if optimizer is not None and not sharded:
+            state["optimizer"] = optimizer.state_dict()
+        if extra:
+            state["extra"] = extra
+        _atomic_torch_save(state, os.path.join(rank_dir, MODEL_FILE))
+    if sharded:
+        _barrier()  # the directory exists once DP rank 0 has made it
+        os.makedirs(rank_dir, exist_ok=True)
+        _atomic_torch_save(optimizer.state_dict(),
+                           os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt"))
+    _barrier()
+    if rank == 0:
+        if os.path.isdir(final_dir):
+            # Saving an iteration again (e.g. SIGTERM right after a periodic save).
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+        _atomic_write_text(os.path.join(root, LATEST), f"{iteration}\n")
+        if cfg.checkpoint.keep_last_n:
+            prune_checkpoints(root, cfg.checkpoint.keep_last_n, keep=iteration)
+    _barrier()
+    print_rank_0(f"saved checkpoint at iteration {iteration} to {final_dir}")
+
+
+def list_checkpoints(root):
+    """Iterations with a complete (renamed) checkpoint directory under `root`, ascending."""
+    if not os.path.isdir(root):
+        return []
+    its = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            its.append(int(name[5:]))
+    return sorted(its)
+
+
+def prune_checkpoints(root, keep_last_n, keep=None):
+    """Remove all but the newest `keep_last_n` checkpoints (never `keep`)."""
+    its = list_checkpoints(root)
+    for it in its[:-keep_last_n] if keep_last_n > 0 else its:
+        if it != keep:
+            shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load
+def _check_layout(path, saved, cfg, model_chunks):
+    from megatron import mpu
+    p = saved.get("parallel", {})
+    ours = {
+        "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": len(model_chunks),
+    }
+    for key, value in ours.items():
+        if p.get(key, value) != value:
+            raise CheckpointError(
+                f"checkpoint {path} was saved with {key}={p.get(key)} but the config has {key}={value} "
+                f"(convert it with tools/checkpoint_convert.py)")
+    saved_model = saved.get("config", {}).get("model", {})
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+                "max_position_embeddings"):
+        mine = getattr(cfg.model, key)
+        if key in saved_model and saved_model[key] != mine:
+            raise CheckpointError(f"checkpoint {path} has model.{key}={saved_model[key]} but the "
+                                  f"config has model.{key}={mine}")
+
+
+def _load_model_state(path, chunk, state):
+    model = _unwrap(chunk)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing "
+                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                              f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"checkpoint {path} has {k} of shape {tuple(v.shape)} but the "
+                                  f"model's is {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_optimizer=True,
+                    load_rng=True):
+    """Resume from the latest checkpoint under `root` (default `cfg.checkpoint.load`).
+
+    Returns (iteration, consumed_samples), (0, 0) when there is nothing to load.
+    Raises CheckpointError when the checkpoint does not fit the model or layout.
+    """
+    from megatron import mpu
+    root = root or cfg.checkpoint.load
+    if root is None:
+        return 0, 0
+    iteration = read_latest_iteration(root)
+    if iteration is None:
+        print_rank_0(f"no checkpoint under {root} ({LATEST} absent): starting from scratch")
+        return 0, 0
+    rank_dir = os.path.join(iteration_dir(root, iteration), _my_rank_dir_name())
+    path = os.path.join(rank_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        present = []
+        it_dir = iteration_dir(root, iteration)
+        if os.path.isdir(it_dir):
+            present = sorted(os.listdir(it_dir))
+        raise CheckpointError(
+            f"checkpoint file {path} is missing (this rank's layout is TP="
+            f"{mpu.get_tensor_model_parallel_world_size()}, PP={mpu.get_pipeline_model_parallel_world_size()}; "
+            f"the checkpoint holds {present or 'nothing'})")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    _check_layout(path, saved, cfg, model_chunks)
+    if len(model_chunks) == 1:
+        _load_model_state(path, model_chunks[0], saved["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            _load_model_state(path, chunk, saved[f"model{i}"])
+    if load_optimizer and optimizer is not None:
+        if getattr(optimizer, "is_sharded", False):
+            dp_rank = mpu.get_data_parallel_rank()
+            opt_path = os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt")
+            saved_dp = saved.get("parallel", {}).get("data_parallel_size")
+            if not os.path.isfile(opt_path) or saved_dp != mpu.get_data_parallel_world_size():
+                raise CheckpointError(
+                    f"sharded optimizer state {opt_path} does not fit: checkpoint data-parallel size "
+                    f"{saved_dp}, this run {mpu.get_data_parallel_world_size()}")
+            optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
+        elif "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state (it was saved with a "
+                                  f"sharded optimizer?); set parallel.distributed_optimizer to match")
+        if scheduler is not None and saved.get("opt_param_scheduler") is not None:
+            scheduler.load_state_dict(saved["opt_param_scheduler"])
+    if load_rng:
+        states = saved["rng_state"]
+        dp_rank = mpu.get_data_parallel_rank()
+        set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
+    print_rank_0(f"loaded checkpoint {iteration_dir(root, iteration)} (iteration {iteration}, "
+                 f"consumed samples {saved['consumed_samples']})")
+    return saved["iteration"], saved["consumed_samples"]

@@ -1,0 +1,91 @@
+"""Pretrain a GPT model: `[torchrun ...] python pretrain_gpt.py --config X.yaml [section.key=value ...]`.
+
+Thin entry point: it supplies the model, the datasets and the forward step to
+`megatron.training.pretrain`. `--print-config` prints the resolved YAML and exits.
+"""
+import argparse
+import functools
+import sys
+
+import torch
+
+
+def model_provider(cfg, padded_vocab, pre_process=True, post_process=True):
+    """GPTModel for one pipeline chunk."""
+    from megatron.model import GPTModel
+    return GPTModel(cfg, padded_vocab, pre_process=pre_process, post_process=post_process)
+
+
+def datasets_provider(cfg, train_valid_test_num_samples, eod):
+    """Train/valid/test GPT datasets over `data.data_path` (None for an empty split)."""
+    from megatron.data.gpt_dataset import build_train_valid_test_datasets
+    return build_train_valid_test_datasets(cfg.data, cfg.model.seq_length, cfg.training.seed,
+                                           train_valid_test_num_samples, eod)
+
+
+def forward_step(data_iterator, model, device=None):
+    """Run one micro batch; the loss is the loss-mask weighted mean of the per-token loss."""
+    batch = next(data_iterator) if data_iterator is not None else None
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    output = model(tokens, position_ids, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = (output_tensor.float().view(-1) * loss_mask.view(-1)).sum() / loss_mask.sum().clamp(min=1)
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _device_for(cfg):
+    from megatron.initialize import select_device
+    return select_device(cfg.training.device)
+
+
+def main(argv=None):
+    """Parse arguments, build the providers and train; user errors exit with one line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+
+    from megatron.checkpointing import CheckpointError
+    from megatron.config import ConfigError, load_config
+    from megatron.initialize import world_size_from_env
+    from megatron.training import TrainingError, pretrain
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world_size_from_env())
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        return 0
+    from megatron.tokenizer import build_tokenizer, padded_vocab_size
+    try:
+        tokenizer = build_tokenizer(cfg.tokenizer)
+    except (ValueError, OSError) as e:
+        sys.exit(f"tokenizer error: {e}")
+    padded = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    device = _device_for(cfg)
+    try:
+        pretrain(cfg,
+                 functools.partial(model_provider, cfg, padded),
+                 functools.partial(datasets_provider, eod=tokenizer.eod),
+                 functools.partial(forward_step, device=device),
+                 tokenizer=tokenizer)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        from megatron.initialize import destroy_megatron
+        destroy_megatron()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
