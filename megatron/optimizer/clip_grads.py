@@ -1,0 +1,58 @@
+"""Global gradient norm across model-parallel ranks, and clipping by it."""
+import torch
+
+from megatron.mpu import distributed as mpu_distributed
+from megatron.mpu import parallel_state
+
+
+def counts_toward_norm(param):
+    """Whether ``param``'s grad enters the global norm on this rank.
+
+    Params replicated over TP (``tensor_model_parallel`` False) count on TP rank 0
+    only; the last stage's copy of the tied embedding (``shared_embedding``)
+    not at all, since the first stage counts it.
+    """
+    if getattr(param, "shared_embedding", False):
+        return False
+    if getattr(param, "tensor_model_parallel", False):
+        return True
+    return parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _sum_of_squares(grads):
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.stack(norms).pow(2).sum()
+
+
+def get_grad_norm(grads_for_norm, include_data_parallel=False, device=None):
+    """L2 norm of the grads of all model-parallel ranks (and DP shards when
+    ``include_data_parallel``: the distributed optimizer's disjoint shards).
+
+    ``grads_for_norm`` are this rank's counted grads. Returns a Python float
+    (inf or nan when a grad is not finite), equal on every rank.
+    """
+    total = _sum_of_squares(grads_for_norm).to(torch.float32)
+    if device is not None:
+        total = total.to(device)
+    mpu_distributed.all_reduce_sum_model_parallel(total, include_data_parallel)
+    return total.item() ** 0.5
+
+
+def clip_grads_by_norm(grads, max_norm, total_norm):
+    """Scale ``grads`` in place so their global norm ``total_norm`` is at most ``max_norm``."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def count_zeros(grads_for_norm, include_data_parallel=False, device=None):
+    """Number of zero entries in the counted grads over all model-parallel ranks."""
+    total = torch.zeros((), dtype=torch.float32)
+    for g in grads_for_norm:
+        total += (g.numel() - torch.count_nonzero(g)).cpu().float()
+    if device is not None:
+        total = total.to(device)
+    mpu_distributed.all_reduce_sum_model_parallel(total, include_data_parallel)
+    return int(total.item())

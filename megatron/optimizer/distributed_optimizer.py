@@ -1,0 +1,134 @@
+"""Distributed (ZeRO-1) optimizer: fp32 master params and Adam state sharded over DP.
+
+Each DDP grad buffer (``mpu.distributed.GradBuffer``) is cut into DP equal
+contiguous shards; this rank owns shard ``dp_rank``. For every param that
+overlaps the shard, the overlapping slice gets an fp32 master (a view of the
+fp32 param buffer itself for fp32 params, a copy for fp16/bf16 ones) and its
+grad is the matching slice of the reduce-scattered grad buffer. After the step
+the updated slices are written into the param buffer and all-gathered over DP,
+so every rank's model params are whole again. Master params and Adam moments
+therefore take 1/DP of the plain optimizer's bytes per rank.
+"""
+import torch
+
+from megatron.mpu import parallel_state
+from megatron.optimizer.clip_grads import counts_toward_norm
+from megatron.optimizer.optimizer import MegatronOptimizer
+
+
+class _ShardEntry:
+    """This rank's slice ``[lo, hi)`` (buffer coordinates) of one model param."""
+
+    __slots__ = ("param", "buffer", "lo", "hi", "master")
+
+    def __init__(self, param, buffer, lo, hi, master):
+        self.param, self.buffer, self.lo, self.hi, self.master = param, buffer, lo, hi, master
+
+
+class DistributedOptimizer(MegatronOptimizer):
+    """ZeRO-1 over the contiguous DDP buffers of ``model_chunks``.
+
+    ``param_groups`` are torch-style groups of model params (weight-decay
+    settings); ``build_inner`` makes the inner AdamW from the matching groups of
+    shard masters. The chunks must be ``DistributedDataParallel`` wrappers built
+    with ``use_distributed_optimizer=True``.
+    """
+
+    is_sharded = True
+    _norm_over_data_parallel = True
+
+    def __init__(self, param_groups, build_inner, model_chunks, clip_grad=0.0,
+                 grad_scaler=None, log_num_zeros_in_grad=False):
+        super().__init__(model_chunks, clip_grad, grad_scaler, log_num_zeros_in_grad)
+        for chunk in self.model_chunks:
+            if not getattr(chunk, "use_distributed_optimizer", False):
+                raise ValueError("parallel.distributed_optimizer needs every model chunk wrapped "
+                                 "in DistributedDataParallel(..., use_distributed_optimizer=True)")
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+
+        self._entries = {}  # model param -> _ShardEntry
+        self._buffers = []
+        for chunk in self.model_chunks:
+            for buf in chunk.buffers_:
+                self._buffers.append(buf)
+                start, end = buf.shard_range(self.dp_rank)
+                for p in buf.params:
+                    ps, pe = buf.index[p]
+                    lo, hi = max(ps, start), min(pe, end)
+                    if lo >= hi:
+                        continue
+                    shard = buf.param_data[lo:hi]
+                    master = shard if shard.dtype == torch.float32 else shard.detach().float()
+                    self._entries[p] = _ShardEntry(p, buf, lo, hi, master)
+
+        master_groups = []
+        for group in param_groups:
+            masters = [self._entries[p].master for p in group["params"] if p in self._entries]
+            master_groups.append({**group, "params": masters})
+        self._order = [e for g in param_groups for p in g["params"]
+                       if (e := self._entries.get(p)) is not None]
+        self.optimizer = build_inner(master_groups)
+        self._main = [(e.master, counts_toward_norm(e.param)) for e in self._order]
+
+    def _copy_model_grads_to_main_grads(self):
+        for e in self._order:
+            g = e.buffer.data[e.lo:e.hi]
+            e.master.grad = g if g.dtype == torch.float32 else g.float()
+
+    def _copy_main_params_to_model_params(self):
+        for e in self._order:
+            shard = e.buffer.param_data[e.lo:e.hi]
+            if e.master.data_ptr() != shard.data_ptr():
+                shard.copy_(e.master)
+        for chunk in self.model_chunks:
+            chunk.gather_params()
+
+    @torch.no_grad()
+    def reload_model_params(self):
+        """Refresh the fp32 shard masters from the (just loaded) model params."""
+        for e in self._order:
+            shard = e.buffer.param_data[e.lo:e.hi]
+            if e.master.data_ptr() != shard.data_ptr():
+                e.master.copy_(shard)
+
+    def _layout(self):
+        """Buffer sizes and this rank's slices, to check a checkpoint fits."""
+        return {"buffer_numels": [b.numel_unpadded for b in self._buffers],
+                "slices": [(self._buffers.index(e.buffer), e.lo, e.hi) for e in self._order]}
+
+    def state_dict(self):
+        """This rank's shard: inner optimizer state, scaler, fp32 masters, DP size and ranges."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "grad_scaler": self._scaler_state(),
+                "shard_fp32_params": [e.master.detach().clone() for e in self._order],
+                "data_parallel_size": self.dp_size,
+                "data_parallel_rank": self.dp_rank,
+                **self._layout()}
+
+    def load_state_dict(self, state_dict):
+        """Resume this rank's shard exactly. The checkpoint must come from the
+        same DP size (and rank) with the same model: re-sharding across DP sizes
+        is not supported and is refused with both sizes named."""
+        saved_dp = state_dict.get("data_parallel_size")
+        if saved_dp != self.dp_size:
+            raise ValueError(
+                f"distributed optimizer checkpoint was saved at data-parallel size {saved_dp} "
+                f"but this run has data-parallel size {self.dp_size}; resume at DP={saved_dp} "
+                f"(re-sharding optimizer state across DP sizes is not supported)")
+        if state_dict.get("data_parallel_rank", self.dp_rank) != self.dp_rank:
+            raise ValueError(f"distributed optimizer shard of DP rank "
+                             f"{state_dict['data_parallel_rank']} loaded on DP rank {self.dp_rank}")
+        layout = self._layout()
+        if (list(state_dict.get("buffer_numels", [])) != layout["buffer_numels"]
+                or [tuple(s) for s in state_dict.get("slices", [])] != layout["slices"]):
+            raise ValueError(
+                f"distributed optimizer checkpoint's gradient buffers "
+                f"{list(state_dict.get('buffer_numels', []))} do not match this model's "
+                f"{layout['buffer_numels']}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._load_scaler_state(state_dict.get("grad_scaler"))
+        with torch.no_grad():
+            for e, saved in zip(self._order, state_dict["shard_fp32_params"]):
+                e.master.copy_(saved)
+            self._copy_main_params_to_model_params()
