@@ -262,6 +262,13 @@ def _coerce(section, key, value, tp):
         # Blend weights are numbers in YAML; data_path holds them as strings.
         value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                  for v in value]
+    wants_float = tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp))
+    if wants_float and isinstance(value, str):
+        # YAML 1.1 reads '3e-4' (no dot) as a string; accept it as the float it means.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not _type_ok(value, tp):
         raise ConfigError(f"{section}.{key}={value!r} has the wrong type: expected {_type_name(tp)}")
     if tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp)
