@@ -1,0 +1,223 @@
+"""Tensor-parallel layers: column- and row-parallel linears, vocab-parallel embedding.
+
+Each layer builds the full master weight on the CPU in fp32, fills it with
+``init_method`` (which draws from torch's default CPU generator, seeded by the
+caller) and keeps this rank's shard, so a TP=k model starts from exactly the
+weights of the TP=1 model. The shard is then moved to ``device`` and cast to
+``params_dtype``.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import parallel_state
+from .mappings import (copy_to_tensor_model_parallel_region,
+                       gather_from_sequence_parallel_region,
+                       gather_from_tensor_model_parallel_region,
+                       reduce_from_tensor_model_parallel_region,
+                       reduce_scatter_to_sequence_parallel_region,
+                       scatter_to_tensor_model_parallel_region)
+from .utils import vocab_range_from_per_partition_vocab_size
+
+_MODEL_PARALLEL_ATTRIBUTE_DEFAULTS = {
+    "tensor_model_parallel": False,
+    "partition_dim": -1,
+    "partition_stride": 1,
+}
+
+
+def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride=1):
+    """Mark ``tensor`` as a TP shard split along ``dim`` (or as replicated)."""
+    tensor.tensor_model_parallel = bool(is_parallel)
+    tensor.partition_dim = dim
+    tensor.partition_stride = stride
+
+
+def set_defaults_if_not_set_tensor_model_parallel_attributes(tensor):
+    """Give ``tensor`` the replicated defaults for any attribute it lacks."""
+    for name, value in _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS.items():
+        if not hasattr(tensor, name):
+            setattr(tensor, name, value)
+
+
+def copy_tensor_model_parallel_attributes(destination, source):
+    """Copy the TP attributes of ``source`` (where set) onto ``destination``."""
+    for name in _MODEL_PARALLEL_ATTRIBUTE_DEFAULTS:
+        if hasattr(source, name):
+            setattr(destination, name, getattr(source, name))
+
+
+def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
+    """A Parameter holding this rank's slice (along ``partition_dim``) of a full
+    fp32 master weight of ``shape``, initialized on the CPU by ``init_method``."""
+    world_size = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    master = torch.empty(shape, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        init_method(master)
+    shard = master.chunk(world_size, dim=partition_dim)[rank]
+    weight = torch.nn.Parameter(shard.to(device=device, dtype=params_dtype).contiguous(),
+                                requires_grad=True)
+    set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
+    return weight
+
+
+def _divide_by_tp(value, world_size, what):
+    if value % world_size != 0:
+        raise ValueError(f"{what} ({value}) is not divisible by "
+                         f"tensor_model_parallel_size ({world_size})")
+    return value // world_size
+
+
+def _bias(size, params_dtype, device):
+    return torch.nn.Parameter(torch.zeros(size, dtype=params_dtype, device=device))
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """``Y = X A + b`` with ``A`` split by output columns across TP ranks.
+
+    The weight is ``[output_size / tp, input_size]`` on each rank (dim 0 of the
+    ``[out, in]`` weight is split). The input goes through ``f`` (identity
+    forward, all-reduce backward) or, with ``sequence_parallel``, is all-gathered
+    along dim 0 from ``[s / tp, b, h]``. With ``gather_output`` the output is
+    all-gathered along the last dim; otherwise each rank keeps its columns.
+    ``forward`` returns ``(output, bias)``: ``bias`` is None unless
+    ``skip_bias_add``, in which case it is returned unadded for a later fused op.
+    """
+
+    def __init__(self, input_size, output_size, *, bias=True, gather_output=True,
+                 init_method, skip_bias_add=False, sequence_parallel=False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel=True needs gather_output=False")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.output_size_per_partition = _divide_by_tp(output_size, world_size,
+                                                       "ColumnParallelLinear output_size")
+        self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        self.weight = _sharded_parameter((output_size, input_size), 0, init_method,
+                                         params_dtype, device)
+        if bias:
+            self.bias = _bias(self.output_size_per_partition, params_dtype, device)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_):
+        """``input_`` ``[..., input_size]`` (``[s / tp, b, h]`` with sequence
+        parallelism) -> ``(output, bias)``."""
+        if self.sequence_parallel:
+            input_parallel = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_)
+        bias = None if self.skip_bias_add else self.bias
+        output_parallel = F.linear(input_parallel, self.weight, bias)
+        output = gather_from_tensor_model_parallel_region(output_parallel) \
+            if self.gather_output else output_parallel
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self):
+        return (f"input_size={self.input_size}, output_size={self.output_size}, "
+                f"per_partition={self.output_size_per_partition}, bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(torch.nn.Module):
+    """``Y = X A + b`` with ``A`` split by input rows across TP ranks.
+
+    The weight is ``[output_size, input_size / tp]`` on each rank (dim 1 split).
+    The input is this rank's slice of the last dim (``input_is_parallel``) or is
+    scattered to it. The partial products are summed by ``g`` (all-reduce), or
+    with ``sequence_parallel`` reduce-scattered along dim 0 to ``[s / tp, b, h]``.
+    The bias is replicated (``tensor_model_parallel=False``) and added once,
+    after the reduction, unless ``skip_bias_add`` returns it instead.
+    """
+
+    def __init__(self, input_size, output_size, *, bias=True, input_is_parallel=False,
+                 init_method, skip_bias_add=False, sequence_parallel=False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_size_per_partition = _divide_by_tp(input_size, world_size,
+                                                      "RowParallelLinear input_size")
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        self.weight = _sharded_parameter((output_size, input_size), 1, init_method,
+                                         params_dtype, device)
+        if bias:
+            self.bias = _bias(output_size, params_dtype, device)
+            set_tensor_model_parallel_attributes(self.bias, False, -1, 1)
+            # With sequence parallelism each rank's bias grad covers only its
+            # slice of the sequence; the grads are all-reduced over TP later.
+            self.bias.sequence_parallel = bool(sequence_parallel)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_):
+        """``input_`` ``[..., input_size / tp]`` (or the full ``[..., input_size]``
+        unless ``input_is_parallel``) -> ``(output, bias)``."""
+        input_parallel = input_ if self.input_is_parallel \
+            else scatter_to_tensor_model_parallel_region(input_)
+        output_parallel = F.linear(input_parallel, self.weight)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel)
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel)
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
+
+    def extra_repr(self):
+        return (f"input_size={self.input_size}, output_size={self.output_size}, "
+                f"per_partition={self.input_size_per_partition}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding table split by vocabulary rows across TP ranks.
+
+    Each rank looks up the ids in its range ``[start, end)``, writes zeros for
+    the others, and the all-reduce over TP assembles the full embedding.
+    ``num_embeddings`` must be divisible by TP (the model pads the vocabulary).
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, *, init_method,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        world_size = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.num_embeddings_per_partition = _divide_by_tp(
+            num_embeddings, world_size,
+            "VocabParallelEmbedding num_embeddings (pad the vocabulary)")
+        self.vocab_start_index, self.vocab_end_index = vocab_range_from_per_partition_vocab_size(
+            self.num_embeddings_per_partition, rank)
+        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, init_method,
+                                         params_dtype, device)
+
+    def forward(self, input_):
+        """Token ids of any shape -> embeddings ``[*input_.shape, embedding_dim]``."""
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+            output_parallel = F.embedding(local_ids, self.weight)
+            output_parallel = output_parallel.masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            output_parallel = F.embedding(input_, self.weight)
+        return reduce_from_tensor_model_parallel_region(output_parallel)
+
+    def extra_repr(self):
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"per_partition={self.num_embeddings_per_partition}")
