@@ -5,9 +5,8 @@ Thin entry point: it supplies the model, the datasets and the forward step to
 """
 import argparse
 import functools
+import os
 import sys
-
-import torch
 
 
 def model_provider(cfg, padded_vocab, pre_process=True, post_process=True):
@@ -53,17 +52,18 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    from megatron.checkpointing import CheckpointError
+    # torch is imported only after the config is known good: errors come back fast.
     from megatron.config import ConfigError, load_config
-    from megatron.initialize import world_size_from_env
-    from megatron.training import TrainingError, pretrain
     try:
-        cfg = load_config(args.config, args.overrides, world_size=world_size_from_env())
+        cfg = load_config(args.config, args.overrides,
+                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
+    from megatron.checkpointing import CheckpointError
+    from megatron.training import TrainingError, pretrain
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
     try:
         tokenizer = build_tokenizer(cfg.tokenizer)

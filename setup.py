@@ -4,7 +4,10 @@ setup(
     name="megatron-gpt",
     version="0.1.0",
     description="GPT pretraining with tensor, pipeline and data parallelism, in the Megatron-LM tradition",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron", "megatron.*"]),
+    py_modules=["pretrain_gpt"],
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.3",
@@ -16,5 +19,5 @@ setup(
         "tokenizers",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "transformers", "safetensors"]},
+    extras_require={"test": ["pytest", "transformers", "safetensors", "triton"]},
 )
