@@ -95,6 +95,10 @@ def train_sentencepiece(texts, vocab_size, output_prefix, model_type="bpe"):
             control_symbols=[EOD],
             byte_fallback=True,
             character_coverage=1.0,
+            # Keep text as written (no NFKC, no whitespace folding) so that
+            # detokenize(tokenize(text)) gives the text back.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
             minloglevel=2,
         )
         written = []
