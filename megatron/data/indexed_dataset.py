@@ -223,6 +223,31 @@ class IndexedDataset:
         pointer = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
         return self._read(pointer, length)
 
+    def num_documents(self):
+        """Number of documents (entries of the document index minus one)."""
+        return len(self.document_indices) - 1
+
+    def get_document(self, doc, offset=0, length=None):
+        """Tokens ``[offset, offset + length)`` of document ``doc``, its sequences concatenated.
+
+        The sequences of a document are consecutive in the ``.bin``, so this is one view.
+        """
+        first, end = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
+        if first == end:
+            doc_len = 0
+        else:
+            doc_len = (int(self.sequence_pointers[end - 1]) - int(self.sequence_pointers[first])) \
+                // self.dtype.itemsize + int(self.sequence_lengths[end - 1])
+        if length is None:
+            length = doc_len - offset
+        if offset < 0 or length < 0 or offset + length > doc_len:
+            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for document {doc} "
+                             f"of length {doc_len} in {self.prefix}")
+        if length == 0:
+            return np.zeros(0, dtype=self.dtype)
+        pointer = int(self.sequence_pointers[first]) + offset * self.dtype.itemsize
+        return self._read(pointer, length)
+
 
 class IndexedDatasetBuilder:
     """Writes an indexed dataset: tokens stream to ``bin_path``, ``finalize`` writes the index.

@@ -1,0 +1,197 @@
+"""Vectorized numpy construction of the GPT and blending index arrays, and their cache.
+
+No C++ extension: every array is built with whole-array numpy operations, except
+the blending greedy, which is sequential by nature and runs as a tight loop.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+# Megatron's rule: when the last epoch is needed for less than this fraction of its
+# samples, its documents and samples are shuffled apart from the full epochs, so that
+# the partial epoch does not over-represent some documents within the mixed stream.
+SEPARATE_LAST_EPOCH_THRESHOLD = 0.80
+
+
+def num_epochs_needed(tokens_per_epoch, seq_length, num_samples):
+    """Fewest epochs whose tokens give ``num_samples`` samples of ``seq_length + 1`` tokens."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("cannot build samples from a split with no tokens")
+    # Samples overlap by one token, so E epochs yield (E * tokens - 1) // seq_length samples.
+    return max(1, math.ceil((num_samples * seq_length + 1) / tokens_per_epoch))
+
+
+def shuffle_in_place(array, rng):
+    """Uniformly shuffle ``array`` with the generator ``rng``."""
+    rng.shuffle(array)
+
+
+def build_document_index(num_documents, num_epochs, rng, separate_last_epoch):
+    """Document ids ``0..num_documents-1`` repeated ``num_epochs`` times, shuffled.
+
+    With ``separate_last_epoch`` the full epochs are shuffled together and the last
+    one on its own, after them.
+    """
+    dtype = np.int32 if num_documents < 2 ** 31 else np.int64
+    doc_idx = np.empty(num_documents * num_epochs, dtype=dtype)
+    one = np.arange(num_documents, dtype=dtype)
+    for e in range(num_epochs):
+        doc_idx[e * num_documents:(e + 1) * num_documents] = one
+    del one
+    if separate_last_epoch and num_epochs > 1:
+        head = (num_epochs - 1) * num_documents
+        shuffle_in_place(doc_idx[:head], rng)
+        shuffle_in_place(doc_idx[head:], rng)
+    else:
+        shuffle_in_place(doc_idx, rng)
+    return doc_idx
+
+
+def build_sample_index(document_lengths, document_index, seq_length, num_samples):
+    """Start of every sample in the document index: ``[num_samples + 1, 2]`` (position, offset).
+
+    Sample i spans the ``seq_length + 1`` tokens of the shuffled document stream that
+    start at token ``i * seq_length``: row i is the position in ``document_index`` of
+    the document holding that token and the token's offset inside it. Row i + 1 marks
+    the sample's last token (consecutive samples share one token, as in Megatron).
+    """
+    stream_lengths = document_lengths[document_index]
+    cumulative = np.empty(len(stream_lengths) + 1, dtype=np.int64)
+    cumulative[0] = 0
+    np.cumsum(stream_lengths, out=cumulative[1:])
+    del stream_lengths
+    if (int(cumulative[-1]) - 1) // seq_length < num_samples:
+        raise ValueError(f"{int(cumulative[-1])} tokens give fewer than {num_samples} samples "
+                         f"of {seq_length} + 1 tokens")
+    starts = np.arange(num_samples + 1, dtype=np.int64)
+    starts *= seq_length
+    # side="right" skips empty documents and never yields an offset equal to a length.
+    position = np.searchsorted(cumulative, starts, side="right")
+    position -= 1
+    starts -= cumulative[position]  # now the offset inside the document
+    del cumulative
+    pos_dtype = np.int32 if len(document_index) < 2 ** 31 else np.int64
+    off_dtype = np.int32 if len(starts) == 0 or int(starts.max()) < 2 ** 31 else np.int64
+    dtype = np.promote_types(pos_dtype, off_dtype)
+    sample_idx = np.empty((num_samples + 1, 2), dtype=dtype)
+    sample_idx[:, 0] = position
+    sample_idx[:, 1] = starts
+    return sample_idx
+
+
+def build_shuffle_index(num_samples, total_size, rng):
+    """A permutation of ``range(total_size)``: the first ``num_samples`` shuffled, the rest apart."""
+    dtype = np.int32 if total_size < 2 ** 31 else np.int64
+    first = np.arange(num_samples, dtype=dtype)
+    shuffle_in_place(first, rng)
+    if num_samples == total_size:
+        return first
+    last = np.arange(num_samples, total_size, dtype=dtype)
+    shuffle_in_place(last, rng)
+    return np.concatenate([first, last])
+
+
+def build_blending_indices(weights, size):
+    """Megatron's greedy blend: sample i comes from the dataset whose ``w * i`` most
+    exceeds what it has given so far (ties: the lowest index).
+
+    Returns ``(dataset_index int16[size], dataset_sample_index int64[size])``.
+    """
+    weights = [float(w) for w in weights]
+    k = len(weights)
+    dataset_index = np.empty(size, dtype=np.int16)
+    given = [0] * k
+    # The greedy is sequential; plain Python floats and lists keep one step cheap.
+    choice = dataset_index  # local alias
+    if k == 1:
+        dataset_index[:] = 0
+    else:
+        order = range(k)
+        for i in range(size):
+            x = i if i > 0 else 1
+            best, best_err = 0, weights[0] * x - given[0]
+            for d in order:
+                err = weights[d] * x - given[d]
+                if err > best_err:
+                    best, best_err = d, err
+            choice[i] = best
+            given[best] += 1
+    # The position of each sample within its dataset: a running count per dataset.
+    dataset_sample_index = np.empty(size, dtype=np.int64)
+    for d in range(k):
+        mask = dataset_index == d
+        dataset_sample_index[mask] = np.arange(int(mask.sum()), dtype=np.int64)
+    return dataset_index, dataset_sample_index
+
+
+# ---------------------------------------------------------------------------------------
+# Cache: arrays saved as .npy under names derived from a hash of what shaped them.
+
+def description_hash(description):
+    """Hex digest of a JSON-able description of every parameter that shapes an index."""
+    text = json.dumps(description, sort_keys=True)
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def save_npy_atomic(path, array):
+    """Write ``array`` to ``path`` under a temporary name, then rename it into place."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _distributed():
+    """(rank, barrier) when torch.distributed is initialized, else None.
+
+    torch is only consulted when something already imported it: a process that never
+    imported torch cannot have a process group, and importing it would cost start-up.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_rank(), dist.barrier
+
+
+def cached_arrays(cache_dir, file_names, build):
+    """Load the arrays ``file_names`` (dict key -> file name) from ``cache_dir``, building them if absent.
+
+    ``build()`` returns a dict of arrays with the same keys. When torch.distributed is
+    initialized, rank 0 builds and saves while the other ranks wait at a barrier, then
+    every rank memory-maps the files. Returns ``(arrays, built)``.
+    """
+    paths = {key: os.path.join(cache_dir, name) for key, name in file_names.items()}
+    dist = _distributed()
+    built = False
+    if dist is None or dist[0] == 0:
+        if not all(os.path.isfile(p) for p in paths.values()):
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"cannot create the index cache directory {cache_dir}: {e.strerror}") from None
+            arrays = build()
+            for key, path in paths.items():
+                save_npy_atomic(path, arrays[key])
+            del arrays
+            built = True
+    if dist is not None:
+        dist[1]()
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"index cache files missing after the build: {', '.join(missing)} "
+                                f"(is {cache_dir} shared by every rank?)")
+    return {key: np.load(path, mmap_mode="r", allow_pickle=False) for key, path in paths.items()}, built
