@@ -1,0 +1,315 @@
+"""Training throughput of the framework against a hand-written GPT-2, and MFU against a measured peak.
+
+    python bench/throughput.py CONFIG [section.key=value ...] [--iters N] [--rounds R]
+    python bench/throughput.py CONFIG --kernels      # time each fused op's paths instead
+
+Builds the framework's real model, optimizer and schedule from CONFIG (as
+pretrain_gpt.py does, with random tokens instead of data files), trains, and in
+the same run times bench/baseline_gpt2.py on the same shapes. The two are
+interleaved (ours, baseline, ours, ...) and each figure is a median, because
+machines that share cores drift during a run. The peak is measured in the same
+run, also interleaved: a large fp32 GEMM on CPU, a bf16 GEMM on GPU (best of
+each round). FLOPs are counted as in the Megatron-LM papers (bench/flops.py).
+
+Last line: tokens_per_s=... mfu=... baseline_ratio=... ms_per_iter=... peak_gflops=...
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import baseline_gpt2  # noqa: E402
+from flops import gpt_flops_per_iteration  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_gflops(device, repeats=5, n=None):
+    """Best GEMM rate of a few runs: fp32 2048^3 on CPU, bf16 8192^3 on GPU (GFLOP/s)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def random_batches(micro_batch_size, seq_length, vocab_size, device, seed=0):
+    """Endless micro batches of uniformly random tokens in the data loader's format."""
+    g = torch.Generator().manual_seed(seed)
+    position_ids = torch.arange(seq_length, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+    loss_mask = torch.ones(micro_batch_size, seq_length, device=device)
+    while True:
+        tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_length + 1), generator=g).to(device)
+        yield {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+               "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+def forward_step(data_iterator, model):
+    """pretrain_gpt.py's forward step: per-token loss, masked mean."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    mask = batch["loss_mask"]
+
+    def loss_func(per_token_loss):
+        loss = (per_token_loss.float() * mask).sum() / mask.sum()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+class FrameworkRunner:
+    """The framework's model, optimizer and schedule, one optimizer step per call."""
+
+    def __init__(self, cfg, device, vocab_size):
+        from megatron.model.gpt_model import GPTModel
+        from megatron.optimizer import get_megatron_optimizer
+        from megatron.schedules import get_forward_backward_func
+        from megatron.training import build_model
+        self.cfg, self.device = cfg, device
+        self.chunks = build_model(
+            cfg, lambda pre_process, post_process: GPTModel(cfg, vocab_size, pre_process, post_process),
+            device)
+        self.optimizer = get_megatron_optimizer(cfg, self.chunks)
+        self.forward_backward = get_forward_backward_func()
+        self.data = random_batches(cfg.training.micro_batch_size, cfg.model.seq_length, vocab_size, device)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.num_micro = cfg.num_microbatches(world)
+        for c in self.chunks:
+            c.train()
+
+    def step(self):
+        from megatron.mpu.distributed import finalize_model_grads
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(forward_step, self.data, self.chunks, self.num_micro,
+                                       self.cfg.model.seq_length, self.cfg.training.micro_batch_size,
+                                       forward_only=False, grad_scale_func=self.optimizer.scale_loss)
+        finalize_model_grads(self.chunks)
+        self.optimizer.step()
+        _sync(self.device)
+        return losses
+
+
+class BaselineRunner:
+    """bench/baseline_gpt2.py on the same shapes, one optimizer step per call."""
+
+    def __init__(self, cfg, device, vocab_size):
+        m, t = cfg.model, cfg.training
+        amp = DTYPES[t.precision] if t.precision != "fp32" else None
+        self.model, self.optimizer = baseline_gpt2.build(
+            vocab_size, m.seq_length, m.num_layers, m.num_attention_heads, m.hidden_size,
+            dropout=m.hidden_dropout, device=device, lr=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay)
+        self.amp, self.device = amp, device
+        self.num_micro = t.global_batch_size // t.micro_batch_size
+        self.data = random_batches(t.micro_batch_size, m.seq_length, vocab_size, device, seed=1)
+        self.model.train()
+
+    def step(self):
+        # Gradient accumulation over the same number of micro batches as the framework does.
+        for _ in range(self.num_micro - 1):
+            b = next(self.data)
+            loss = self.model(b["tokens"], b["labels"]) / self.num_micro
+            loss.backward()
+        b = next(self.data)
+        if self.num_micro == 1:
+            baseline_gpt2.train_step(self.model, self.optimizer, b["tokens"], b["labels"], self.amp)
+        else:
+            (self.model(b["tokens"], b["labels"]) / self.num_micro).backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+
+
+def timed(fn, n):
+    """Seconds of each of n calls."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def kernel_paths(cfg, device, repeats):
+    """Time every fused op's paths (forward + backward) at the model's shapes; print a table."""
+    from megatron import fused_kernels as fk
+    from megatron.fused_kernels.bias_dropout_add import bias_dropout_add_train_compiled, bias_add_compiled
+    m, t = cfg.model, cfg.training
+    dtype = DTYPES[t.precision]
+    s, b, h, heads = m.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
+    ffn = m.ffn_hidden_size or 4 * h
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    x4, b4 = leaf(s, b, ffn), leaf(ffn)
+    x, bias, res = leaf(s, b, h), leaf(h), leaf(s, b, h)
+    w, lb = leaf(h), leaf(h)
+    q, k, v = leaf(b, heads, s, h // heads), leaf(b, heads, s, h // heads), leaf(b, heads, s, h // heads)
+    p = m.hidden_dropout
+    cases = {
+        "bias_gelu": [("reference", lambda: fk.bias_gelu_reference(b4, x4)),
+                      ("compiled", lambda: fk.bias_gelu_compiled(b4, x4)),
+                      ("dispatch", lambda: fk.bias_gelu(b4, x4))],
+        "bias_dropout_add": [("reference", lambda: fk.bias_dropout_add_reference(x, bias, res, p, True)),
+                             ("compiled", (lambda: bias_dropout_add_train_compiled(x, bias, res, p)) if p > 0
+                              else (lambda: bias_add_compiled(x, bias, res))),
+                             ("dispatch", lambda: fk.bias_dropout_add(x, bias, res, p, True))],
+        "layer_norm": [("reference", lambda: fk.layer_norm_reference(x, w, lb, 1e-5)),
+                       ("dispatch", lambda: fk.layer_norm(x, w, lb, 1e-5))],
+        "core_attention": [("reference", lambda: fk.core_attention_reference(q, k, v, 0.0, True)),
+                           ("sdpa", lambda: fk.core_attention_sdpa(q, k, v, 0.0, True)),
+                           ("dispatch", lambda: fk.core_attention(q, k, v, 0.0, True))],
+    }
+    if device.type == "cuda":
+        from megatron.fused_kernels.triton_bias_gelu import bias_gelu_triton
+        from megatron.fused_kernels.triton_layer_norm import layer_norm_triton
+        cases["bias_gelu"].append(("triton", lambda: bias_gelu_triton(b4, x4)))
+        cases["layer_norm"].append(("triton", lambda: layer_norm_triton(x, w, lb, 1e-5)))
+    print(f"kernel paths, forward+backward, {dtype}, {device}, median of {repeats} "
+          f"(s={s}, b={b}, h={h}, ffn={ffn}, heads={heads})")
+    for name, paths in cases.items():
+        fns = {}
+        for label, fn in paths:
+            def run(fn=fn):
+                out = fn()
+                out.backward(torch.ones_like(out))
+                _sync(device)
+            for _ in range(3):  # warm up (and compile)
+                run()
+            fns[label] = run
+        # Interleave paths within each repeat so drift hits them alike.
+        times = {label: [] for label in fns}
+        for _ in range(repeats):
+            for label, run in fns.items():
+                times[label] += timed(run, 1)
+        med = {label: statistics.median(v) * 1e3 for label, v in times.items()}
+        ref = med["reference"]
+        print(f"  {name:17s} " + "  ".join(f"{label}={ms:.3f}ms (x{ref / ms:.2f})" for label, ms in med.items()))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="YAML config (the schema of megatron/config.py)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations per round and runner")
+    ap.add_argument("--rounds", type=int, default=3, help="alternation rounds (ours, baseline, peak)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per runner first")
+    ap.add_argument("--gemm-size", type=int, default=None,
+                    help="side of the square peak GEMM (default 2048 on CPU, 8192 on GPU)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the hand-written baseline")
+    ap.add_argument("--kernels", action="store_true", help="time each fused op's paths instead")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron.config import ConfigError, load_config
+    from megatron.initialize import destroy_megatron, initialize_megatron, world_size_from_env
+    from megatron.tokenizer import padded_vocab_size
+
+    world = world_size_from_env()
+    overrides = list(args.overrides)
+    try:
+        cfg = load_config(args.config, overrides, world_size=None)
+        if cfg.training.train_iters is None and cfg.training.train_samples is None:
+            cfg.training.train_iters = args.warmup + args.iters * args.rounds
+        from megatron.config import finalize
+        finalize(cfg, world)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m, t = cfg.model, cfg.training
+    vocab = cfg.tokenizer.vocab_size
+    if vocab is None:
+        print("error: the benchmark needs tokenizer.vocab_size (random tokens, no tokenizer files)",
+              file=sys.stderr)
+        return 2
+    vocab = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+    device = initialize_megatron(cfg)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def say(text):
+        if rank0:
+            print(text, flush=True)
+
+    say(f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+           f", {torch.get_num_threads()} threads") + f", world size {world}, precision {t.precision}")
+    if args.kernels:
+        kernel_paths(cfg, device, max(5, args.rounds * args.iters))
+        destroy_megatron()
+        return 0
+
+    ours = FrameworkRunner(cfg, device, vocab)
+    n_params = sum(p.numel() for c in ours.chunks for p in c.parameters())
+    baseline = None
+    if not args.no_baseline:
+        if world > 1:
+            say("baseline skipped: it is a single-process model (run with one process to compare)")
+        else:
+            baseline = BaselineRunner(cfg, device, vocab)
+    F = gpt_flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, vocab,
+                                m.ffn_hidden_size, recompute=t.recompute == "full")
+    tokens = t.global_batch_size * m.seq_length
+    say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq "
+        f"{m.seq_length}, vocab {vocab}, {n_params / 1e6:.1f} M parameters on rank 0; global batch "
+        f"{t.global_batch_size} ({tokens} tokens), {F / 1e9:.1f} GFLOP per iteration")
+
+    timed(ours.step, args.warmup)
+    if baseline:
+        timed(baseline.step, args.warmup)
+    ours_t, base_t, peaks = [], [], []
+    for r in range(args.rounds):
+        ours_t += timed(ours.step, args.iters)
+        if baseline:
+            base_t += timed(baseline.step, args.iters)
+        peaks.append(measure_peak_gflops(device, n=args.gemm_size))
+        say(f"round {r + 1}/{args.rounds}: ours {statistics.median(ours_t[-args.iters:]) * 1e3:.0f} ms/iter"
+            + (f", baseline {statistics.median(base_t[-args.iters:]) * 1e3:.0f} ms/iter" if baseline else "")
+            + f", GEMM peak {peaks[-1]:.1f} GFLOP/s")
+
+    ms = statistics.median(ours_t) * 1e3
+    tokens_per_s = tokens / (ms / 1e3)
+    peak = max(peaks)
+    # Every rank holds 1/world of the work; MFU is per device against one device's peak.
+    mfu = F / world / (ms / 1e3) / (peak * 1e9)
+    ratio = float("nan")
+    if baseline:
+        base_ms = statistics.median(base_t) * 1e3
+        ratio = base_ms / ms
+        say(f"baseline: {base_ms:.0f} ms/iter, {tokens / (base_ms / 1e3):.0f} tokens/s, "
+            f"MFU {F / (base_ms / 1e3) / (peak * 1e9):.3f}")
+    say(f"ours: {ms:.0f} ms/iter, {tokens_per_s:.0f} tokens/s, {F / world / (ms / 1e3) / 1e9:.1f} "
+        f"GFLOP/s per device, MFU {mfu:.3f} of the measured peak {peak:.1f} GFLOP/s")
+    say(f"tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} baseline_ratio={ratio:.3f} "
+        f"ms_per_iter={ms:.1f} peak_gflops={peak:.1f}")
+    destroy_megatron()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
