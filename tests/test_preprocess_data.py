@@ -156,3 +156,15 @@ def test_ensure_preprocessed(tmp_path):
         pp.ensure_preprocessed({"data_path": [str(tmp_path / "absent_text_document")]}, GPT2)
     with pytest.raises(pp.PreprocessError, match="_<json key>_document"):
         pp.ensure_preprocessed({"data_path": [str(tmp_path / "oddname")], "preprocess_input": src}, GPT2)
+
+
+def test_null_tokenizer_rejected_text_is_a_bad_line(tmp_path):
+    null = {"type": "NullTokenizer", "vocab_size": 70000}
+    src = write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 3"}, {"text": "4 five 6"}, {"text": "69999 0"}])
+    with pytest.raises(pp.PreprocessError, match=r"ids.jsonl:2: tokenizer rejected 'text'.*five"):
+        pp.preprocess(src, str(tmp_path / "n"), null, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["ids.jsonl"]
+    s = pp.preprocess(src, str(tmp_path / "n"), null, append_eod=True, skip_bad_lines=True, progress=False)
+    assert documents(str(tmp_path / "n_text_document")) == [[1, 2, 3, 70000], [69999, 0, 70000]]
+    assert IndexedDataset(str(tmp_path / "n_text_document")).dtype == np.int32  # 70001 ids
+    assert s.bad_lines == 1 and (tmp_path / "n.skipped.txt").read_text().startswith(f"{src}:2: ")

@@ -122,6 +122,25 @@ def _parse(raw, keys):
     return texts, None
 
 
+def _encode_columns(tok, keys, columns, linenos, bad):
+    """Encode each key's texts; a text the tokenizer rejects (ValueError, e.g. the
+    null tokenizer given a word) turns its line into a bad line, in every key."""
+    try:
+        return [_encode(tok, col) for col in columns]
+    except ValueError:
+        pass
+    rejected = {}
+    for key, col in zip(keys, columns):
+        for i, text in enumerate(col):
+            try:
+                tok.tokenize(text)
+            except ValueError as e:
+                rejected.setdefault(i, f"tokenizer rejected {key!r}: {e}")
+    bad.extend((linenos[i], reason) for i, reason in rejected.items())
+    keep = [i for i in range(len(linenos)) if i not in rejected]
+    return [_encode(tok, [col[i] for i in keep]) for col in columns]
+
+
 def encode_chunk(first_lineno, lines):
     """Parse and tokenize one chunk of raw lines (runs in a worker).
 
@@ -131,6 +150,7 @@ def encode_chunk(first_lineno, lines):
     """
     tok, keys = _worker["tok"], _worker["keys"]
     bad = []
+    linenos = []
     columns = [[] for _ in keys]
     for n, raw in enumerate(lines):
         if not raw.strip():
@@ -139,23 +159,22 @@ def encode_chunk(first_lineno, lines):
         if texts is None:
             bad.append((first_lineno + n, reason))
             continue
+        linenos.append(first_lineno + n)
         for col, text in zip(columns, texts):
             col.append(text)
+    encoded = _encode_columns(tok, keys, columns, linenos, bad)
+    bad.sort()
     per_key = []
     empty = 0
-    for col in columns:
-        try:
-            flat, lengths = _encode(tok, col)
-        except ValueError as e:  # e.g. the null tokenizer given a non-integer
-            raise PreprocessError(f"tokenizer rejected a line of the chunk at line {first_lineno}: {e}")
+    for flat, lengths in encoded:
         if not _worker["keep_empty"]:
             keep = lengths > 0
             if not keep.all():
                 empty += int((~keep).sum())
-                # Keep the flat ids: empty documents contribute none of them.
+                # The flat ids need no change: empty documents contribute none.
                 lengths = lengths[keep]
         if _worker["append_eod"]:
-            flat = np.insert(flat, np.cumsum(lengths), _worker["tok"].eod)
+            flat = np.insert(flat, np.cumsum(lengths), tok.eod)
             lengths = lengths + 1
         per_key.append((flat.astype(_worker["dtype"], copy=False), lengths))
     return len(lines), per_key, bad, empty
