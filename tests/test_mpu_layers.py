@@ -1,0 +1,284 @@
+"""Tensor-parallel layers and mappings equal the serial computation.
+
+One 4-process gloo launch runs every check at TP=4, then re-initializes at
+TP=2 x DP=2 and runs them again. Each rank builds the serial reference itself
+from the same seeds (plain ``torch.nn.functional`` on the full weights), so
+the parent only compares the reported errors with the tolerance.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron import mpu
+from tests.dist_harness import run_distributed
+
+ATOL = 1e-6
+S, B, H_IN, H_OUT = 8, 3, 16, 24
+
+
+def _init_normal(t):
+    torch.nn.init.normal_(t, mean=0.0, std=0.2)
+
+
+def _full_weight(seed, shape):
+    """The master weight a layer built after ``torch.manual_seed(seed)`` holds."""
+    torch.manual_seed(seed)
+    w = torch.empty(shape)
+    _init_normal(w)
+    return w
+
+
+def _err(actual, expected):
+    if actual is None or expected is None or actual.shape != expected.shape:
+        return float("inf")
+    return (actual.detach().float() - expected.detach().float()).abs().max().item()
+
+
+def _randn(seed, *shape, scale=0.2):
+    # Values well below 1 so that fp32 rounding of reordered sums stays far
+    # below ATOL: a wrong shard or a missing reduction is off by O(0.1).
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _column_checks(errs, tp, rank, gather_output, sequence_parallel, tag):
+    x_full = _randn(10, S, B, H_IN)
+    w_full = _full_weight(1, (H_OUT, H_IN))
+    b_full = _randn(11, H_OUT)
+    g_full = _randn(12, S, B, H_OUT)
+
+    torch.manual_seed(1)
+    layer = mpu.ColumnParallelLinear(H_IN, H_OUT, gather_output=gather_output,
+                                     init_method=_init_normal, sequence_parallel=sequence_parallel)
+    with torch.no_grad():
+        layer.bias.copy_(b_full.chunk(tp)[rank])
+    errs[f"{tag}/weight_init"] = _err(layer.weight, w_full.chunk(tp, 0)[rank])
+    x = (x_full.chunk(tp, 0)[rank] if sequence_parallel else x_full).clone().requires_grad_()
+    out, bias = layer(x)
+    errs[f"{tag}/bias_none"] = 0.0 if bias is None else float("inf")
+    g = g_full if gather_output else g_full.chunk(tp, -1)[rank]
+    (out * g).sum().backward()
+
+    xr = x_full.clone().requires_grad_()
+    wr = w_full.clone().requires_grad_()
+    br = b_full.clone().requires_grad_()
+    ref = F.linear(xr, wr, br)
+    (ref * g_full).sum().backward()
+
+    errs[f"{tag}/output"] = _err(out, ref if gather_output else ref.chunk(tp, -1)[rank])
+    errs[f"{tag}/input_grad"] = _err(x.grad, xr.grad.chunk(tp, 0)[rank] if sequence_parallel else xr.grad)
+    errs[f"{tag}/weight_grad"] = _err(layer.weight.grad, wr.grad.chunk(tp, 0)[rank])
+    errs[f"{tag}/bias_grad"] = _err(layer.bias.grad, br.grad.chunk(tp)[rank])
+    ok = layer.weight.tensor_model_parallel and layer.weight.partition_dim == 0 \
+        and layer.bias.tensor_model_parallel and layer.weight.partition_stride == 1
+    errs[f"{tag}/attributes"] = 0.0 if ok else float("inf")
+
+
+def _row_checks(errs, tp, rank, input_is_parallel, sequence_parallel, skip_bias_add, tag):
+    x_full = _randn(20, S, B, H_OUT)
+    w_full = _full_weight(2, (H_IN, H_OUT))
+    b_full = _randn(21, H_IN)
+    g_full = _randn(22, S, B, H_IN)
+
+    torch.manual_seed(2)
+    layer = mpu.RowParallelLinear(H_OUT, H_IN, input_is_parallel=input_is_parallel,
+                                  init_method=_init_normal, sequence_parallel=sequence_parallel,
+                                  skip_bias_add=skip_bias_add)
+    with torch.no_grad():
+        layer.bias.copy_(b_full)
+    errs[f"{tag}/weight_init"] = _err(layer.weight, w_full.chunk(tp, 1)[rank])
+    x = (x_full.chunk(tp, -1)[rank] if input_is_parallel else x_full).clone().requires_grad_()
+    out, bias = layer(x)
+    if skip_bias_add:
+        errs[f"{tag}/bias_returned"] = 0.0 if bias is layer.bias else float("inf")
+        out = out + bias
+    else:
+        errs[f"{tag}/bias_none"] = 0.0 if bias is None else float("inf")
+    g = g_full.chunk(tp, 0)[rank] if sequence_parallel else g_full
+    (out * g).sum().backward()
+
+    xr = x_full.clone().requires_grad_()
+    wr = w_full.clone().requires_grad_()
+    br = b_full.clone().requires_grad_()
+    ref = F.linear(xr, wr, br)
+    (ref * g_full).sum().backward()
+
+    errs[f"{tag}/output"] = _err(out, ref.chunk(tp, 0)[rank] if sequence_parallel else ref)
+    errs[f"{tag}/input_grad"] = _err(x.grad, xr.grad.chunk(tp, -1)[rank] if input_is_parallel else xr.grad)
+    errs[f"{tag}/weight_grad"] = _err(layer.weight.grad, wr.grad.chunk(tp, 1)[rank])
+    bias_grad = layer.bias.grad.clone()
+    if sequence_parallel:
+        # Each rank saw its slice of the sequence; finalize_model_grads sums them.
+        dist.all_reduce(bias_grad, group=mpu.get_tensor_model_parallel_group())
+    errs[f"{tag}/bias_grad"] = _err(bias_grad, br.grad)
+    ok = layer.weight.tensor_model_parallel and layer.weight.partition_dim == 1 \
+        and layer.bias.tensor_model_parallel is False \
+        and layer.bias.sequence_parallel == sequence_parallel \
+        and mpu.param_is_not_tensor_parallel_duplicate(layer.bias) == (rank == 0) \
+        and mpu.param_is_not_tensor_parallel_duplicate(layer.weight)
+    errs[f"{tag}/attributes"] = 0.0 if ok else float("inf")
+
+
+def _embedding_checks(errs, tp, rank, vocab, padded_vocab, tag):
+    """Padded vocabulary: ids only below ``vocab``, including partition edges."""
+    per = padded_vocab // tp
+    edges = [i * per + d for i in range(tp) for d in (-1, 0) if 0 <= i * per + d < vocab]
+    fill = torch.randint(0, vocab, (B * S,), generator=torch.Generator().manual_seed(30))
+    ids = torch.cat([torch.tensor(edges + [vocab - 1]), fill])[: B * S].view(B, S)
+    w_full = _full_weight(3, (padded_vocab, H_IN))
+    g_full = _randn(31, B, S, H_IN)
+
+    torch.manual_seed(3)
+    emb = mpu.VocabParallelEmbedding(padded_vocab, H_IN, init_method=_init_normal)
+    out = emb(ids)
+    (out * g_full).sum().backward()
+
+    wr = w_full.clone().requires_grad_()
+    ref = F.embedding(ids, wr)
+    (ref * g_full).sum().backward()
+    errs[f"{tag}/output"] = _err(out, ref)
+    errs[f"{tag}/weight_grad"] = _err(emb.weight.grad, wr.grad.chunk(tp, 0)[rank])
+    padded_rows = emb.weight.grad[max(0, vocab - rank * per):]
+    errs[f"{tag}/padded_rows_grad_zero"] = padded_rows.abs().max().item() if padded_rows.numel() else 0.0
+    errs[f"{tag}/edges_covered"] = 0.0 if all((ids == e).any() for e in edges) else float("inf")
+
+
+def _mapping_checks(errs, tp, rank, tag):
+    """The sequence-parallel operators that the layers do not exercise alone."""
+    x_full = _randn(40, S, B, H_IN)
+    g_full = _randn(41, S, B, H_IN)
+
+    # scatter along the sequence: forward keeps this rank's slice; backward
+    # all-gathers every rank's gradient slice.
+    x = x_full.clone().requires_grad_()
+    y = mpu.scatter_to_sequence_parallel_region(x)
+    errs[f"{tag}/sp_scatter_fwd"] = _err(y, x_full.chunk(tp, 0)[rank])
+    (y * g_full.chunk(tp, 0)[rank]).sum().backward()
+    errs[f"{tag}/sp_scatter_bwd"] = _err(x.grad, g_full)
+
+    # gather along the sequence into a replicated consumer: backward splits.
+    x = x_full.chunk(tp, 0)[rank].clone().requires_grad_()
+    y = mpu.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+    errs[f"{tag}/sp_gather_fwd"] = _err(y, x_full)
+    (y * g_full).sum().backward()
+    errs[f"{tag}/sp_gather_split_bwd"] = _err(x.grad, g_full.chunk(tp, 0)[rank])
+
+    # gather into a TP-split consumer: backward reduce-scatters the rank-
+    # dependent partial gradients.
+    x = x_full.chunk(tp, 0)[rank].clone().requires_grad_()
+    y = mpu.gather_from_sequence_parallel_region(x)
+    (y * g_full * (rank + 1)).sum().backward()
+    expected = g_full.chunk(tp, 0)[rank] * sum(r + 1 for r in range(tp))
+    errs[f"{tag}/sp_gather_reduce_scatter_bwd"] = _err(x.grad, expected)
+
+    # last-dim scatter / gather round trip with its gradients.
+    x = x_full.clone().requires_grad_()
+    y = mpu.scatter_to_tensor_model_parallel_region(x)
+    errs[f"{tag}/scatter_fwd"] = _err(y, x_full.chunk(tp, -1)[rank])
+    z = mpu.gather_from_tensor_model_parallel_region(y * (rank + 1))
+    expected = torch.cat([c * (r + 1) for r, c in enumerate(x_full.chunk(tp, -1))], dim=-1)
+    errs[f"{tag}/gather_fwd"] = _err(z, expected)
+    (z * g_full).sum().backward()
+    errs[f"{tag}/scatter_gather_bwd"] = _err(
+        x.grad, torch.cat([c * (r + 1) for r, c in enumerate(g_full.chunk(tp, -1))], dim=-1))
+
+    # f and g: inputs differ per rank; g sums them forward, f sums grads backward.
+    x = (x_full * (rank + 1)).requires_grad_()
+    y = mpu.reduce_from_tensor_model_parallel_region(x)
+    errs[f"{tag}/g_fwd"] = _err(y, x_full * sum(r + 1 for r in range(tp)))
+    errs[f"{tag}/g_keeps_input"] = _err(x, x_full * (rank + 1))
+    (y * g_full).sum().backward()
+    errs[f"{tag}/g_bwd"] = _err(x.grad, g_full)
+    x = x_full.clone().requires_grad_()
+    y = mpu.copy_to_tensor_model_parallel_region(x)
+    errs[f"{tag}/f_fwd"] = _err(y, x_full)
+    (y * g_full * (rank + 1)).sum().backward()
+    errs[f"{tag}/f_bwd"] = _err(x.grad, g_full * sum(r + 1 for r in range(tp)))
+
+
+def _all_checks(tp):
+    rank = mpu.get_tensor_model_parallel_rank()
+    errs = {}
+    for gather in (True, False):
+        _column_checks(errs, tp, rank, gather, False, f"tp{tp}/column_gather={gather}")
+    _column_checks(errs, tp, rank, False, True, f"tp{tp}/column_sequence_parallel")
+    for parallel in (True, False):
+        _row_checks(errs, tp, rank, parallel, False, False, f"tp{tp}/row_input_is_parallel={parallel}")
+    _row_checks(errs, tp, rank, True, False, True, f"tp{tp}/row_skip_bias_add")
+    _row_checks(errs, tp, rank, True, True, False, f"tp{tp}/row_sequence_parallel")
+    _embedding_checks(errs, tp, rank, 50, 52, f"tp{tp}/embedding_padded")
+    _embedding_checks(errs, tp, rank, 64, 64, f"tp{tp}/embedding")
+    _mapping_checks(errs, tp, rank, f"tp{tp}/mappings")
+    return errs
+
+
+def _indivisible_messages():
+    messages = []
+    for build in (lambda: mpu.ColumnParallelLinear(4, 7, init_method=_init_normal),
+                  lambda: mpu.RowParallelLinear(5, 4, init_method=_init_normal),
+                  lambda: mpu.VocabParallelEmbedding(51, 4, init_method=_init_normal)):
+        try:
+            build()
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
+
+
+def _layers_worker():
+    errs, messages = {}, None
+    for tp in (4, 2):
+        mpu.initialize_model_parallel(tp)
+        assert mpu.get_tensor_model_parallel_world_size() == tp
+        errs.update(_all_checks(tp))
+        if tp == 2:
+            messages = _indivisible_messages()
+        mpu.destroy_model_parallel()
+    return errs, messages
+
+
+@pytest.fixture(scope="module")
+def layer_results():
+    """One 4-process launch shared by the tests of this module."""
+    return run_distributed(_layers_worker, 4)
+
+
+def test_layers_and_mappings_equal_serial_at_tp4_and_tp2(layer_results):
+    for rank, (errs, _) in enumerate(layer_results):
+        assert len(errs) > 50
+        bad = {k: v for k, v in errs.items() if not v <= ATOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_sizes_not_divisible_by_tp_are_one_line_errors(layer_results):
+    messages = layer_results[0][1]
+    assert all(m is not None and "\n" not in m for m in messages), messages
+    assert "(7)" in messages[0] and "(2)" in messages[0]
+    assert "(5)" in messages[1]
+    assert "(51)" in messages[2] and "pad" in messages[2]
+
+
+def test_single_process_layers_are_plain_linear_and_embedding():
+    """Without any process group the layers are the serial layers."""
+    assert not mpu.model_parallel_is_initialized()
+    torch.manual_seed(5)
+    col = mpu.ColumnParallelLinear(H_IN, H_OUT, init_method=_init_normal, skip_bias_add=True)
+    x = _randn(50, S, B, H_IN)
+    out, bias = col(x)
+    assert bias is col.bias and col.weight.shape == (H_OUT, H_IN)
+    assert _err(out, F.linear(x, _full_weight(5, (H_OUT, H_IN)))) <= ATOL
+    torch.manual_seed(6)
+    emb = mpu.VocabParallelEmbedding(10, 4, init_method=_init_normal)
+    ids = torch.tensor([[0, 9, 3]])
+    assert _err(emb(ids), F.embedding(ids, _full_weight(6, (10, 4)))) <= ATOL
+
+
+def test_params_dtype_and_keyword_only_arguments():
+    torch.manual_seed(7)
+    row = mpu.RowParallelLinear(8, 4, init_method=_init_normal, params_dtype=torch.bfloat16, bias=False)
+    assert row.weight.dtype == torch.bfloat16 and row.bias is None
+    # The bf16 shard is the rounded fp32 master weight.
+    assert torch.equal(row.weight, _full_weight(7, (4, 8)).to(torch.bfloat16))
+    with pytest.raises(TypeError):
+        mpu.ColumnParallelLinear(8, 4, True, init_method=_init_normal)
+
