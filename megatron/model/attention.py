@@ -2,6 +2,7 @@
 import torch
 
 from megatron import fused_kernels, mpu
+from megatron.model.utils import dropout_rng_context
 
 
 class ParallelAttention(torch.nn.Module):
@@ -34,7 +35,8 @@ class ParallelAttention(torch.nn.Module):
     def _core(self, q, k, v):
         # Each TP rank holds different heads, so attention dropout draws from
         # the model-parallel RNG (different on each TP rank).
-        with mpu.get_rng_tracker().fork():
+        active = self.training and self.attention_dropout > 0
+        with dropout_rng_context(True, active):
             return fused_kernels.core_attention(q, k, v, dropout_p=self.attention_dropout,
                                                 training=self.training)
 

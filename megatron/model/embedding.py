@@ -1,12 +1,10 @@
 """GPT-2 input embedding: vocab-parallel word embeddings plus learned positions."""
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from megatron.model.utils import (POSITION_EMBEDDINGS, WORD_EMBEDDINGS, init_method_normal,
-                                  seeded_init)
+from megatron.model.utils import (POSITION_EMBEDDINGS, WORD_EMBEDDINGS, dropout_rng_context,
+                                  init_method_normal, seeded_init)
 
 
 def build_word_embeddings(cfg, padded_vocab_size):
@@ -50,8 +48,5 @@ class Embedding(torch.nn.Module):
         x = (words + positions).transpose(0, 1).contiguous()
         if self.sequence_parallel:
             x = mpu.scatter_to_sequence_parallel_region(x)
-            rng = mpu.get_rng_tracker().fork()
-        else:
-            rng = contextlib.nullcontext()
-        with rng:
+        with dropout_rng_context(self.sequence_parallel, self.training and self.dropout > 0):
             return F.dropout(x, p=self.dropout, training=self.training)

@@ -152,5 +152,6 @@ class GPTModel(torch.nn.Module):
         logits = F.linear(hidden_states, self.word_embeddings_weight())  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = mpu.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        # The cross entropy upcasts to fp32 itself, without a second copy of the logits.
+        loss = mpu.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()

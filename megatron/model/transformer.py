@@ -1,12 +1,11 @@
 """One pre-LayerNorm GPT-2 transformer layer built from tensor-parallel parts."""
-import contextlib
-
 import torch
 
-from megatron import fused_kernels, mpu
+from megatron import fused_kernels
 from megatron.model.attention import ParallelAttention
 from megatron.model.mlp import ParallelMLP
-from megatron.model.utils import init_method_normal, mark_sequence_parallel, scaled_init_method_normal
+from megatron.model.utils import (dropout_rng_context, init_method_normal,
+                                  mark_sequence_parallel, scaled_init_method_normal)
 
 
 class ParallelTransformerLayer(torch.nn.Module):
@@ -43,9 +42,8 @@ class ParallelTransformerLayer(torch.nn.Module):
         # Residual dropout acts on replicated activations unless the sequence
         # is split, in which case each rank holds a different shard and must
         # draw its own mask from the model-parallel RNG.
-        if self.sequence_parallel:
-            return mpu.get_rng_tracker().fork()
-        return contextlib.nullcontext()
+        return dropout_rng_context(self.sequence_parallel,
+                                   self.training and self.hidden_dropout > 0)
 
     def forward(self, hidden_states):
         """[s(/tp), b, h] -> [s(/tp), b, h]."""

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from megatron import mpu
+
 # Offsets that give each module of the model its own init seed. Layer i uses
 # _LAYER_OFFSET + i, so the seed depends on the global position only, never on
 # the TP / PP layout that decides which rank builds the module.
@@ -80,3 +82,15 @@ def mark_sequence_parallel(params):
     for p in params:
         if p is not None:
             p.sequence_parallel = True
+
+
+def dropout_rng_context(split_across_tp, active):
+    """The RNG context for a dropout: the model-parallel tracker's fork for
+    activations that differ across TP ranks, else the default generator.
+
+    Inactive dropout (p = 0 or eval) draws nothing, so it needs no fork and
+    works before ``mpu.model_parallel_seed`` was called (inference tools).
+    """
+    if split_across_tp and active:
+        return mpu.get_rng_tracker().fork()
+    return contextlib.nullcontext()
