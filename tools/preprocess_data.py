@@ -56,6 +56,9 @@ def main(argv=None):
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. disk full while writing: still one line, no partial output
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130

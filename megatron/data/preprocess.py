@@ -263,6 +263,8 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
     ``{output_prefix}.skipped.txt``. Returns a ``PreprocessSummary``.
     """
     start = time.time()
+    if int(workers) < 1:
+        raise PreprocessError(f"workers must be at least 1, got {workers}")
     keys = list(json_keys)
     if not keys:
         raise PreprocessError("no --json-keys given")
@@ -279,7 +281,15 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
     finals = [output_prefix_for(output_prefix, k) for k in keys]
     tag = f".tmp{os.getpid()}"
     temps = [(f + tag + ".bin", f + tag + ".idx") for f in finals]
-    builders = [IndexedDatasetBuilder(b, dtype) for b, _ in temps]
+    builders = []
+    try:
+        for b, _ in temps:
+            builders.append(IndexedDatasetBuilder(b, dtype))
+    except OSError as e:
+        for builder in builders:
+            builder._data.close()
+        _remove([b for b, _ in temps])
+        raise PreprocessError(f"cannot write {e.filename}: {e.strerror}") from None
     summary = PreprocessSummary()
     skipped = []
     bar = None
