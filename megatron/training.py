@@ -153,7 +153,7 @@ def _stop_flags(exit_signal, start_time, cfg, device):
 
 
 def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_factory,
-          valid_factory, device, iteration, consumed_samples, exit_signal):
+          valid_factory, device, iteration, consumed_samples, exit_signal, rng_state=None):
     """Run optimizer steps until train_iters / an exit condition; return the history."""
     from megatron import mpu
     from megatron.mpu.distributed import finalize_model_grads
@@ -167,6 +167,8 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
     writer = TensorBoardWriter(lg.tensorboard_dir, enabled=is_last_rank())
     timers = Timers()
     train_iter = _iterators(train_factory, len(model_chunks))
+    if rng_state is not None:
+        checkpointing.set_rng_state(rng_state)
     history = {"train_losses": {}, "valid_losses": {}, "exit_reason": None}
 
     for c in model_chunks:
@@ -328,10 +330,13 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         if cfg.checkpoint.load:
             iteration, consumed = checkpointing.load_checkpoint(cfg, model_chunks, optimizer,
                                                                 scheduler)
+        # Building datasets and data-loader iterators may draw from the global
+        # RNGs; keep the (restored) states so a resumed run continues exactly.
+        rng_state = checkpointing.get_rng_state()
         datasets = _build_datasets(cfg, datasets_provider)
         train_f, valid_f, test_f = build_data_iterators(cfg, datasets, consumed, len(model_chunks))
         history = train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_f,
-                        valid_f, device, iteration, consumed, exit_signal)
+                        valid_f, device, iteration, consumed, exit_signal, rng_state)
         writer = history.pop("writer")
         if history["exit_reason"] is None:
             it, consumed = history["iteration"], history["consumed_samples"]
