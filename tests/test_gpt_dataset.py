@@ -197,3 +197,20 @@ def test_eod_masking_and_position_reset(tmp_path):
         assert s["position_ids"].tolist() == expect
     assert found_eod
     assert position_ids(np.array([5, 6, 7]), EOD, True).tolist() == [0, 1, 2]
+
+
+def _build_on_every_rank(prefix, cache):
+    import torch.distributed as dist
+    ds = GPTDataset(IndexedDataset(prefix), (0, 100), 16, 200, seed=4, cache_dir=cache)
+    return {"rank": dist.get_rank(), "built": ds.built,
+            "samples": [ds[i]["tokens"].tolist() for i in range(0, len(ds), 11)]}
+
+
+def test_rank0_builds_others_load(tmp_path):
+    from tests.dist_harness import run_distributed
+    prefix = str(tmp_path / "d")
+    make_dataset(prefix)
+    results = run_distributed(_build_on_every_rank, 2, prefix, str(tmp_path / "cache"))
+    assert [r["built"] for r in results] == [True, False]
+    assert results[0]["samples"] == results[1]["samples"]
+    assert len(os.listdir(str(tmp_path / "cache"))) == 3
