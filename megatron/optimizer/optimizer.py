@@ -5,7 +5,9 @@ from ``param.main_grad`` (the DDP buffer; ``param.grad`` for a bare module),
 unscales them and checks for inf/NaN when a loss scaler is used (the result is
 max-reduced over the model- and data-parallel groups, so every rank skips the
 same steps), clips by the global norm, steps, and copies the fp32 master
-params back into the fp16/bf16 model params.
+params back into the fp16/bf16 model params. Without a scaler (fp32, bf16) a
+non-finite global grad norm (again agreed over all ranks) skips the step;
+with ``clip_grad`` 0 there is no such check, as in Megatron.
 """
 import math
 
@@ -104,8 +106,9 @@ class MegatronOptimizer:
             grad_norm = None
             if self.clip_grad > 0:
                 grad_norm = get_grad_norm(counted, self._norm_over_data_parallel, device)
-                if not math.isfinite(grad_norm):
-                    # The norm is the same on every rank, so all skip together.
+                if self.grad_scaler is None and self._nonfinite_anywhere(grad_norm, device):
+                    # Without a scaler the norm is the inf/NaN check; DP
+                    # replicas must agree to skip or they would diverge.
                     return False, grad_norm, None
                 clip_grads_by_norm(grads, self.clip_grad, grad_norm)
             num_zeros = None
@@ -119,6 +122,12 @@ class MegatronOptimizer:
             # param would make autograd accumulate into it next time.
             for p, _ in self._main:
                 p.grad = None
+
+    @staticmethod
+    def _nonfinite_anywhere(grad_norm, device):
+        flag = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=device)
+        mpu_distributed.all_reduce_max_model_and_data_parallel(flag)
+        return bool(flag.item() > 0)
 
     def reload_model_params(self):
         """Refresh the fp32 masters from the model params: call after loading a
