@@ -1,15 +1,19 @@
 """Every fused op against its plain-PyTorch reference, forward and backward, fp32/bf16/fp16, odd shapes.
 
-The Triton kernels run on CPU under TRITON_INTERPRET=1 (set before triton is
-imported); those tests skip where triton is absent.
+Without a GPU the Triton kernels run on CPU under TRITON_INTERPRET=1 (set
+before triton is imported: torch does not import it); with one, every check
+also runs on CUDA, where the dispatchers pick Triton / torch.compile / flash
+attention and the Triton kernels run for real. Triton tests skip where triton
+is absent.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron import fused_kernels as fk
 
@@ -18,9 +22,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 8e-3}
 
 
-def _leaves(dtype, *shapes, seed=0):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton kernels: the interpreter on CPU tensors, the real compiler on CUDA tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _leaves(dtype, *shapes, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
 
 
 def _fp32_twins(tensors):
@@ -33,7 +42,7 @@ def _check(fn, ref_fn, inputs, dtype, scale=1.0):
     out = fn(*inputs)
     ref = ref_fn(*ref_inputs)
     assert out.dtype == dtype and out.shape == ref.shape
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(ref.device)
     out.backward(grad.to(dtype))
     ref.backward(grad)
     tol = TOL[dtype] * scale
@@ -43,27 +52,33 @@ def _check(fn, ref_fn, inputs, dtype, scale=1.0):
         torch.testing.assert_close(t.grad.float(), r.grad, atol=tol * 2, rtol=tol * 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_gelu_dispatch_matches_reference(dtype):
-    bias, x = _leaves(dtype, (13,), (3, 5, 13))
+def test_bias_gelu_dispatch_matches_reference(dtype, device):
+    bias, x = _leaves(dtype, (13,), (3, 5, 13), device=device)
     _check(fk.bias_gelu, fk.bias_gelu_reference, [bias, x], dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_dropout_add_without_dropout_matches_reference(dtype):
-    x, bias, res = _leaves(dtype, (7, 3, 11), (11,), (7, 3, 11))
+def test_bias_dropout_add_without_dropout_matches_reference(dtype, device):
+    x, bias, res = _leaves(dtype, (7, 3, 11), (11,), (7, 3, 11), device=device)
     fn = lambda x, b, r: fk.bias_dropout_add(x, b, r, 0.3, False)  # noqa: E731
     ref = lambda x, b, r: fk.bias_dropout_add_reference(x, b, r, 0.3, False)  # noqa: E731
     _check(fn, ref, [x, bias, res], dtype)
 
 
-def test_bias_dropout_add_dropout_draws_from_default_generator():
-    x, bias, res = _leaves(torch.float32, (9, 2, 17), (17,), (9, 2, 17))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_dropout_add_dropout_draws_from_default_generator(device):
+    x, bias, res = _leaves(torch.float32, (9, 2, 17), (17,), (9, 2, 17), device=device)
     torch.manual_seed(3)
     out = fk.bias_dropout_add(x, bias, res, 0.5, True)
     torch.manual_seed(3)
-    ref = fk.bias_dropout_add_reference(x, bias, res, 0.5, True)
-    torch.testing.assert_close(out, ref)
+    again = fk.bias_dropout_add(x, bias, res, 0.5, True)
+    torch.testing.assert_close(out, again)  # same seed, same mask
+    if device == "cpu":
+        torch.manual_seed(3)
+        torch.testing.assert_close(out, fk.bias_dropout_add_reference(x, bias, res, 0.5, True))
     dropped = (out - res).detach() == 0
     assert 0.3 < dropped.float().mean().item() < 0.7
     # Kept elements are scaled by 1/(1-p), as inverted dropout must.
@@ -72,19 +87,20 @@ def test_bias_dropout_add_dropout_draws_from_default_generator():
     torch.testing.assert_close(x.grad, (~dropped).float() * 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_norm_module_matches_reference(dtype):
-    ln = fk.LayerNorm(19, eps=1e-5).to(dtype)
+def test_layer_norm_module_matches_reference(dtype, device):
+    ln = fk.LayerNorm(19, eps=1e-5).to(device=device, dtype=dtype)
     assert isinstance(ln, torch.nn.LayerNorm)
     with torch.no_grad():
         ln.weight.copy_(torch.randn(19))
         ln.bias.copy_(torch.randn(19))
-    (x,) = _leaves(dtype, (5, 3, 19))
-    ref_ln = torch.nn.LayerNorm(19, eps=1e-5)
+    (x,) = _leaves(dtype, (5, 3, 19), device=device)
+    ref_ln = torch.nn.LayerNorm(19, eps=1e-5).to(device)
     ref_ln.load_state_dict({k: v.float() for k, v in ln.state_dict().items()})
     ref_x = x.detach().float().requires_grad_()
     out, ref = ln(x), fk.layer_norm_reference(ref_x, ref_ln.weight, ref_ln.bias, 1e-5)
-    g = torch.randn(ref.shape)
+    g = torch.randn(ref.shape).to(device)
     out.backward(g.to(dtype))
     ref.backward(g)
     tol = TOL[dtype]
@@ -103,10 +119,11 @@ def test_layer_norm_mixed_dtypes_computes_in_fp32():
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_core_attention_matches_reference(dtype):
+def test_core_attention_matches_reference(dtype, device):
     # Odd sequence length and head size; scale given and default.
-    q, k, v = _leaves(dtype, (2, 3, 13, 5), (2, 3, 13, 5), (2, 3, 13, 5))
+    q, k, v = _leaves(dtype, (2, 3, 13, 5), (2, 3, 13, 5), (2, 3, 13, 5), device=device)
     for scale in (None, 0.37):
         for t in (q, k, v):
             t.grad = None
@@ -157,7 +174,7 @@ def test_forced_reference_env(monkeypatch):
 def test_triton_layer_norm_matches_reference(dtype):
     pytest.importorskip("triton")
     from megatron.fused_kernels.triton_layer_norm import layer_norm_triton
-    x, w, b = _leaves(dtype, (3, 7, 37), (37,), (37,))
+    x, w, b = _leaves(dtype, (3, 7, 37), (37,), (37,), device=TRITON_DEVICE)
     _check(lambda x, w, b: layer_norm_triton(x, w, b, 1e-5),
            lambda x, w, b: fk.layer_norm_reference(x, w, b, 1e-5), [x, w, b], dtype, scale=2.0)
 
@@ -167,7 +184,7 @@ def test_triton_bias_gelu_matches_reference(dtype):
     pytest.importorskip("triton")
     from megatron.fused_kernels.triton_bias_gelu import bias_gelu_triton
     # 5*3*67 elements: not a multiple of the block, so the tail mask is exercised.
-    bias, x = _leaves(dtype, (67,), (5, 3, 67))
+    bias, x = _leaves(dtype, (67,), (5, 3, 67), device=TRITON_DEVICE)
     _check(bias_gelu_triton, fk.bias_gelu_reference, [bias, x], dtype, scale=2.0)
 
 
