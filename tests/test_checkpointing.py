@@ -1,0 +1,108 @@
+"""Checkpoints: weights_only RNG round trip, crash while saving, SIGTERM saves and exits."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from megatron import checkpointing
+from tests.test_training import make_corpus, tiny_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rng_state_round_trip_weights_only(tmp_path):
+    from megatron import mpu
+    mpu.model_parallel_seed(7)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = checkpointing.get_rng_state()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+
+    def draws():
+        with mpu.get_rng_tracker().fork():
+            tracked = torch.rand(3)
+        return [random.random(), float(np.random.rand()), float(np.random.randn())], \
+            torch.rand(3), tracked
+    expected = draws()
+    checkpointing.set_rng_state(torch.load(path, weights_only=True))
+    got = draws()
+    assert got[0] == expected[0]
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+_CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys, functools, torch
+    sys.path.insert(0, {root!r})
+    import pretrain_gpt
+    from megatron import checkpointing
+    from megatron.config import load_config
+    from megatron.initialize import initialize_megatron
+    from megatron.optimizer import get_megatron_optimizer
+    from megatron.training import build_model, build_scheduler
+    cfg = load_config(None, {overrides!r}, world_size=1)
+    device = initialize_megatron(cfg)
+    chunks = build_model(cfg, functools.partial(pretrain_gpt.model_provider, cfg, 64), device)
+    opt = get_megatron_optimizer(cfg, chunks)
+    sched = build_scheduler(cfg, opt)
+    checkpointing.save_checkpoint(cfg, 1, 8, chunks, opt, sched)
+    real_save = torch.save
+    def dying_save(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as f:  # half a file, then the process dies
+            f.truncate(os.path.getsize(path) // 2)
+        os._exit(9)
+    checkpointing.torch.save = dying_save
+    checkpointing.save_checkpoint(cfg, 2, 16, chunks, opt, sched)
+""")
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
+    save = str(tmp_path / "ck")
+    overrides = tiny_overrides(str(tmp_path / "unused"), **{"checkpoint.save": save})
+    script = _CRASH_SCRIPT.format(root=ROOT, overrides=overrides)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 9, proc.stderr
+    assert checkpointing.read_latest_iteration(save) == 1
+    assert checkpointing.list_checkpoints(save) == [1]
+    assert os.path.isdir(os.path.join(save, "iter_0000002.tmp"))  # the torn write, never renamed
+    state = torch.load(os.path.join(save, "iter_0000001", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=True)
+    assert state["iteration"] == 1 and state["consumed_samples"] == 8
+    assert "embedding.word_embeddings.weight" in state["model"] and "optimizer" in state
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    prefix = make_corpus(str(tmp_path / "corpus"))
+    save = str(tmp_path / "ck")
+    overrides = tiny_overrides(prefix, **{"training.train_iters": 100000, "checkpoint.save": save,
+                                          "logging.log_interval": 1,
+                                          "training.eval_interval": 100000})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--config",
+                             os.devnull, *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "iteration        3/" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines) + out
+    assert proc.returncode == 0, log
+    assert "SIGTERM" in log
+    it = checkpointing.read_latest_iteration(save)
+    assert it is not None and it >= 3, log
+    state = torch.load(os.path.join(save, f"iter_{it:07d}", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=True)
+    assert state["iteration"] == it and state["consumed_samples"] == 8 * it
