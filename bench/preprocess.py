@@ -7,7 +7,11 @@ data/kjv-merges.txt, 8192 tokens) at 1 and 2 workers. MB/s = input bytes /
 wall time of the whole command, Python start-up included. Peak RSS is the
 largest resident set of the command or any of its worker processes.
 
-Usage: python bench/preprocess.py [--repeat 12] [--workers 1 2] [--runs 1]
+With --engines it first measures the BPE engines alone, one thread, on the
+corpus once (same vocabulary, identical ids): tiktoken (GPT2BPETokenizer) and
+Hugging Face `tokenizers` (encode per document, and encode_batch on one thread).
+
+Usage: python bench/preprocess.py [--repeat 12] [--workers 1 2] [--runs 1] [--engines]
 The last line printed is key=value figures.
 """
 
@@ -38,11 +42,42 @@ def run_once(cmd):
     return wall, cpu, usage.ru_maxrss / 1024, out.decode().strip().splitlines()[-1]
 
 
+def measure_engines(texts, figures):
+    """Single-thread MB/s of tiktoken and HF tokenizers on ``texts``; checks equal ids."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # read when tokenizers starts its pool
+    sys.path.insert(0, ROOT)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron.tokenizer import build_tokenizer
+
+    vocab, merges = os.path.join(ROOT, "data", "kjv-vocab.json"), os.path.join(ROOT, "data", "kjv-merges.txt")
+    tik = build_tokenizer({"type": "GPT2BPETokenizer", "vocab_file": vocab, "merge_file": merges})
+    hf = Tokenizer(models.BPE.from_file(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    runs = {
+        "tiktoken": lambda: [tik.tokenize(t) for t in texts],
+        "hf_tokenizers": lambda: [hf.encode(t, add_special_tokens=False).ids for t in texts],
+        "hf_tokenizers_batch_1thread": lambda: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)],
+    }
+    results = {}
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        results[name] = fn()
+        dt = time.perf_counter() - t0
+        print(f"engine {name}: {mb / dt:.2f} MB/s ({mb:.2f} MB of text in {dt:.2f} s)")
+        figures[f"engine_{name}_mb_per_s"] = f"{mb / dt:.2f}"
+    same = results["tiktoken"] == results["hf_tokenizers"] == results["hf_tokenizers_batch_1thread"]
+    print(f"engines give identical ids: {same}")
+    figures["engines_identical"] = str(same)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=12)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--runs", type=int, default=1, help="runs per worker count; the best is reported")
+    p.add_argument("--engines", action="store_true", help="also time the BPE engines alone")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_preprocess-")
     try:
@@ -74,6 +109,12 @@ def main():
             figures[f"seconds_w{w}"] = f"{best[0]:.2f}"
             figures[f"peak_rss_mib_w{w}"] = f"{best[1]:.0f}"
             figures[f"cpu_seconds_w{w}"] = f"{best[2]:.2f}"
+        if args.engines:
+            # Last: Linux carries a parent's peak RSS into the children it forks
+            # afterwards, and this step makes the parent large.
+            import json
+
+            measure_engines([json.loads(line)["text"] for line in one.splitlines()], figures)
         print(" ".join(f"{k}={v}" for k, v in figures.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
