@@ -192,14 +192,14 @@ def kernel_paths(cfg, device, repeats):
     print(f"kernel paths, forward+backward, {dtype}, {device}, median of {repeats} "
           f"(s={s}, b={b}, h={h}, ffn={ffn}, heads={heads})")
     for name, paths in cases.items():
-        fns = {}
+        fns, first = {}, {}
         for label, fn in paths:
             def run(fn=fn):
                 out = fn()
                 out.backward(torch.ones_like(out))
                 _sync(device)
-            for _ in range(3):  # warm up (and compile)
-                run()
+            first[label] = timed(run, 1)[0] * 1e3  # includes compiling, for the compiled paths
+            timed(run, 2)
             fns[label] = run
         # Interleave paths within each repeat so drift hits them alike.
         times = {label: [] for label in fns}
@@ -209,6 +209,7 @@ def kernel_paths(cfg, device, repeats):
         med = {label: statistics.median(v) * 1e3 for label, v in times.items()}
         ref = med["reference"]
         print(f"  {name:17s} " + "  ".join(f"{label}={ms:.3f}ms (x{ref / ms:.2f})" for label, ms in med.items()))
+        print(f"  {'':17s} first call: " + "  ".join(f"{label}={ms:.0f}ms" for label, ms in first.items()))
 
 
 def parse_args(argv):
