@@ -39,6 +39,7 @@ class RNGStatesTracker:
         """Forget every state and seed; CUDA tracking off."""
         self.states_ = {}
         self.seeds_ = set()
+        self.seed_of_ = {}
         self.cuda_device = None
 
     def use_cuda(self, device=None):
@@ -54,7 +55,8 @@ class RNGStatesTracker:
         return {name: dict(state) for name, state in self.states_.items()}
 
     def set_states(self, states):
-        """Replace every state by ``states`` (as returned by ``get_states``)."""
+        """Replace every state by ``states`` (as returned by ``get_states``);
+        the seeds of ``add`` stay known."""
         self.states_ = {name: {k: v.clone() for k, v in state.items()} for name, state in states.items()}
 
     def add(self, name, seed):
@@ -64,14 +66,37 @@ class RNGStatesTracker:
         if name in self.states_:
             raise ValueError(f"RNG state {name!r} already exists in the tracker")
         self.seeds_.add(seed)
+        self.seed_of_[name] = seed
         state = {"cpu": torch.Generator(device="cpu").manual_seed(seed).get_state()}
         if self.cuda_device is not None:
-            with torch.cuda.device(self.cuda_device):
-                saved = torch.cuda.get_rng_state()
-                torch.cuda.manual_seed(seed)
-                state["cuda"] = torch.cuda.get_rng_state()
-                torch.cuda.set_rng_state(saved)
+            state["cuda"] = self._seeded_cuda_state(seed)
         self.states_[name] = state
+
+    def _seeded_cuda_state(self, seed):
+        with torch.cuda.device(self.cuda_device):
+            saved = torch.cuda.get_rng_state()
+            torch.cuda.manual_seed(seed)
+            state = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(saved)
+        return state
+
+    def _cuda_state_for(self, name):
+        """The CUDA state of ``name``, or None when CUDA is not in use. CUDA may
+        come into use after seeding (model moved to the GPU later), or states
+        may come from a CPU checkpoint: the state is then created from the
+        name's seed, so split-region dropout on the GPU never silently falls
+        back to the default (TP-replicated) generator."""
+        if self.cuda_device is None:
+            if not _cuda_in_use():
+                return None
+            self.use_cuda()
+        state = self.states_[name]
+        if "cuda" not in state:
+            if name not in self.seed_of_:
+                raise RuntimeError(f"RNG state {name!r} has no CUDA state and no known seed; "
+                                   f"call model_parallel_seed after choosing the device")
+            state["cuda"] = self._seeded_cuda_state(self.seed_of_[name])
+        return state["cuda"]
 
     @contextlib.contextmanager
     def fork(self, name=_MODEL_PARALLEL_RNG_TRACKER_NAME):
@@ -79,13 +104,13 @@ class RNGStatesTracker:
         afterwards they resume where they were and ``name`` keeps its advance."""
         if name not in self.states_:
             raise KeyError(f"RNG state {name!r} is not in the tracker (call model_parallel_seed first)")
-        state = self.states_[name]
-        use_cuda = self.cuda_device is not None and "cuda" in state
+        cuda_state = self._cuda_state_for(name)
+        use_cuda = cuda_state is not None
         saved_cpu = torch.get_rng_state()
-        torch.set_rng_state(state["cpu"])
+        torch.set_rng_state(self.states_[name]["cpu"])
         if use_cuda:
             saved_cuda = torch.cuda.get_rng_state(self.cuda_device)
-            torch.cuda.set_rng_state(state["cuda"], self.cuda_device)
+            torch.cuda.set_rng_state(cuda_state, self.cuda_device)
         try:
             yield
         finally:
