@@ -71,6 +71,9 @@ def _column_checks(errs, tp, rank, gather_output, sequence_parallel, tag):
     errs[f"{tag}/bias_grad"] = _err(layer.bias.grad, br.grad.chunk(tp)[rank])
     ok = layer.weight.tensor_model_parallel and layer.weight.partition_dim == 0 \
         and layer.bias.tensor_model_parallel and layer.weight.partition_stride == 1
+    # The shard owns its memory: no view keeping the full master weight alive.
+    errs[f"{tag}/shard_storage"] = float(
+        layer.weight.untyped_storage().nbytes() - layer.weight.numel() * layer.weight.element_size())
     errs[f"{tag}/attributes"] = 0.0 if ok else float("inf")
 
 
@@ -132,6 +135,8 @@ def _embedding_checks(errs, tp, rank, vocab, padded_vocab, tag):
     emb = mpu.VocabParallelEmbedding(padded_vocab, H_IN, init_method=_init_normal)
     out = emb(ids)
     (out * g_full).sum().backward()
+    errs[f"{tag}/shard_storage"] = float(
+        emb.weight.untyped_storage().nbytes() - emb.weight.numel() * emb.weight.element_size())
 
     wr = w_full.clone().requires_grad_()
     ref = F.embedding(ids, wr)

@@ -55,8 +55,9 @@ def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
     with torch.no_grad():
         init_method(master)
     shard = master.chunk(world_size, dim=partition_dim)[rank]
-    weight = torch.nn.Parameter(shard.to(device=device, dtype=params_dtype).contiguous(),
-                                requires_grad=True)
+    # A copy, not a view: a view would keep the whole master weight alive.
+    shard = shard.to(device=device, dtype=params_dtype, copy=True).contiguous()
+    weight = torch.nn.Parameter(shard, requires_grad=True)
     set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
     return weight
 

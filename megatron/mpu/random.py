@@ -194,7 +194,6 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.save_for_backward(*[args[i] for i in ctx.tensor_indices])
         with torch.no_grad():
             outputs = fn(*args)
-        ctx.single_output = isinstance(outputs, torch.Tensor)
         return outputs
 
     @staticmethod
