@@ -73,8 +73,7 @@ def stage_layer_range(num_layers, pipeline_size, pipeline_rank,
 def mark_replicated(module):
     """Mark every parameter that no mpu layer marked as replicated across TP ranks."""
     for p in module.parameters():
-        if not hasattr(p, "tensor_model_parallel"):
-            p.tensor_model_parallel = False
+        mpu.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
 
 
 def mark_sequence_parallel(params):
