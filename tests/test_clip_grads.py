@@ -161,7 +161,33 @@ def _tp_dp_clip_body(num_micro, clip):
     res["emb"] = ddp.module.emb.main_grad.clone()
     counted = [p.main_grad for p in holder.parameters() if counts_toward_norm(p)]
     res["pp_norm"] = get_grad_norm(counted)
+    mpu.destroy_model_parallel()
     return res
+
+
+def _all_checks():
+    # One 4-rank launch runs the distributed checks of all the optimizer test
+    # files: process start-up dominates their cost on a small CPU box.
+    from tests.test_distributed_optimizer import _body as distopt_body
+    from tests.test_mixed_precision import _inf_body
+    return {"clip": _tp_dp_clip_body(2, 0.05), "distopt": distopt_body(6), "inf": _inf_body(3)}
+
+
+_RESULTS = {}
+
+
+def distributed_results(key):
+    """Per-rank results of check ``key`` from the shared 4-rank launch (run once
+    per pytest session; a failure is re-raised by every test that asks)."""
+    if "all" not in _RESULTS:
+        try:
+            _RESULTS["all"] = run_distributed(_all_checks, 4)
+        except BaseException as e:  # remember it: do not relaunch for each test
+            _RESULTS["all"] = e
+    got = _RESULTS["all"]
+    if isinstance(got, BaseException):
+        raise AssertionError(f"shared distributed launch failed: {got}")
+    return [r[key] for r in got]
 
 
 def _serial_reference(num_micro, clip, lr=1e-2, wd=0.1):
@@ -183,8 +209,8 @@ def _serial_reference(num_micro, clip, lr=1e-2, wd=0.1):
 
 
 def test_clip_norm_tp2_dp2_equals_serial_and_finalize_sums():
-    num_micro, clip = 2, 0.05
-    results = run_distributed(_tp_dp_clip_body, 4, num_micro, clip)
+    num_micro, clip = 2, 0.05  # as in _all_checks
+    results = distributed_results("clip")
     norm, params = _serial_reference(num_micro, clip)
     assert norm > clip  # so that clipping really happens
     for r in results:

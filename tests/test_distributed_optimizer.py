@@ -7,8 +7,7 @@ import torch
 from megatron import mpu
 from megatron.mpu.distributed import DistributedDataParallel
 from megatron.optimizer import get_megatron_optimizer
-from tests.dist_harness import run_distributed
-from tests.test_clip_grads import TinyTP, full_params, make_cfg, run_iters
+from tests.test_clip_grads import TinyTP, distributed_results, full_params, make_cfg, run_iters
 
 
 def _build(distributed, precision="fp32"):
@@ -24,6 +23,27 @@ def _roundtrip(state):
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def _tiny_shard_step():
+    """3 elements over DP=4: the last rank's shard is padding only, and must
+    still take part in every collective. Returns (params after one step, reference)."""
+    holder = torch.nn.Module()
+    holder.w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    model = DistributedDataParallel(holder, use_distributed_optimizer=True)
+    opt = get_megatron_optimizer(make_cfg(distributed_optimizer=True, clip_grad=1.0), [model])
+    opt.zero_grad()
+    rank = torch.distributed.get_rank()
+    holder.w.main_grad.copy_(torch.tensor([1.0, 2.0, -4.0]) * (rank + 1))
+    from megatron.mpu.distributed import finalize_model_grads
+    finalize_model_grads([model])
+    ok, norm, _ = opt.step()
+    ref = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    ref.grad = torch.tensor([1.0, 2.0, -4.0]) * 2.5  # mean of (rank + 1) over 4 ranks
+    ref_norm = float(ref.grad.norm())
+    ref.grad.mul_(1.0 / (ref_norm + 1e-6))
+    torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.0).step()
+    return ok, norm, ref_norm, holder.w.detach().clone(), ref.detach().clone()
 
 
 def _body(iters):
@@ -64,14 +84,16 @@ def _body(iters):
         except ValueError as e:
             res["mismatch_error"] = str(e)
         res["dp"] = dp
+        if dp == 4:
+            res["tiny"] = _tiny_shard_step()
         out[tp] = res
         mpu.destroy_model_parallel()
     return out
 
 
 def test_distributed_optimizer_matches_plain_and_resumes_exactly():
-    iters = 6
-    results = run_distributed(_body, 4, iters)
+    iters = 6  # as in tests.test_clip_grads._all_checks
+    results = distributed_results("distopt")
     for rank_out in results:
         for tp, r in rank_out.items():
             assert r["dp"] == 4 // tp
@@ -87,5 +109,9 @@ def test_distributed_optimizer_matches_plain_and_resumes_exactly():
                 assert torch.equal(r["resumed_params"][name], ref), name
             plain_bytes, dist_bytes = r["state_bytes"]
             assert dist_bytes <= plain_bytes / r["dp"] + 64, (plain_bytes, dist_bytes, r["dp"])
+            if "tiny" in r:
+                ok, norm, ref_norm, got, ref = r["tiny"]
+                assert ok and abs(norm - ref_norm) <= 1e-6 * ref_norm
+                torch.testing.assert_close(got, ref)
             msg = r["mismatch_error"]
             assert msg is not None and str(r["dp"]) in msg and str(2 * r["dp"]) in msg, msg

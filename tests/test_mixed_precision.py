@@ -7,8 +7,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.mpu.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.optimizer import get_megatron_optimizer
-from tests.dist_harness import run_distributed
-from tests.test_clip_grads import TinyTP, batch, full_params, make_cfg, run_iters
+from tests.test_clip_grads import TinyTP, batch, distributed_results, make_cfg, run_iters
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,11 +44,12 @@ def _inf_body(poisoned_rank):
         # And the next clean iteration steps again.
         _, steps = run_iters(model, opt, 2, 1)
         out[(precision, distributed)]["next_ok"] = steps[0][0]
+    mpu.destroy_model_parallel()
     return out
 
 
 def test_inf_on_one_rank_skips_step_everywhere_tp2_dp2():
-    results = run_distributed(_inf_body, 4, 3)
+    results = distributed_results("inf")  # global rank 3 poisoned, see _all_checks
     for rank, res in enumerate(results):
         for (precision, distributed), r in res.items():
             where = f"rank {rank} {precision} distributed={distributed}"

@@ -28,10 +28,9 @@ def model_grad(param):
     return g if g is not None else param.grad
 
 
-def unscale_and_check(grads, inv_scale):
-    """Multiply ``grads`` by ``inv_scale`` in place; a 1-element tensor, 1.0 if
-    any grad holds an inf or NaN, else 0.0 (on the grads' device)."""
-    device = grads[0].device if grads else torch.device("cpu")
+def unscale_and_check(grads, inv_scale, device):
+    """Multiply ``grads`` by ``inv_scale`` in place; a 1-element tensor on
+    ``device``, 1.0 if any grad holds an inf or NaN, else 0.0."""
     found_inf = torch.zeros(1, dtype=torch.float32, device=device)
     if grads:
         torch._amp_foreach_non_finite_check_and_unscale_(
@@ -58,6 +57,10 @@ class MegatronOptimizer:
         self.clip_grad = float(clip_grad or 0.0)
         self.grad_scaler = grad_scaler
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
+        # Scalar collectives need a tensor on the model's device even on a
+        # rank whose shard holds no gradient at all.
+        first = next((p for c in self.model_chunks for p in c.parameters()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
 
     # -- API -----------------------------------------------------------------
     @property
@@ -95,14 +98,14 @@ class MegatronOptimizer:
             main = [p for p, _ in self._main if p.grad is not None]
             grads = [p.grad for p in main]
             if self.grad_scaler is not None:
-                found_inf = unscale_and_check(grads, self.grad_scaler.inv_scale)
+                found_inf = unscale_and_check(grads, self.grad_scaler.inv_scale, self._device)
                 mpu_distributed.all_reduce_max_model_and_data_parallel(found_inf)
                 found = bool(found_inf.item() > 0)
                 self.grad_scaler.update(found)
                 if found:
                     return False, None, None
             counted = [p.grad for p, c in self._main if c and p.grad is not None]
-            device = grads[0].device if grads else None
+            device = self._device
             grad_norm = None
             if self.clip_grad > 0:
                 grad_norm = get_grad_norm(counted, self._norm_over_data_parallel, device)
