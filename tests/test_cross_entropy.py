@@ -1,6 +1,7 @@
 """Vocab-parallel cross entropy equals the serial loss and gradient.
 
-One 4-process gloo launch checks TP=4, then TP=2 x DP=2: padded and exact
+The distributed checks run in the 4-process launch shared with
+test_mpu_layers (TP=4, then TP=2 x DP=2): padded and exact
 vocabularies, targets on partition edges, bf16 logits, the tied output layer
 (the transpose of the vocab-parallel embedding), and that only small
 per-token tensors are communicated (the logits are never gathered).
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron import mpu
-from tests.dist_harness import run_distributed
+from tests.test_mpu_layers import tp_launch_results
 
 ATOL = 1e-6
 B, S, H = 3, 8, 16
@@ -110,23 +111,22 @@ def _communication_checks(errs, tp, rank, tag):
     errs[f"{tag}/two_collectives"] = 0.0 if len(seen) == 2 else float("inf")
 
 
-def _cross_entropy_worker():
+def cross_entropy_errors(tp):
+    """Errors of every check at the initialized TP size (run inside the shared
+    launch of test_mpu_layers)."""
     errs = {}
-    for tp in (4, 2):
-        mpu.initialize_model_parallel(tp)
-        rank = mpu.get_tensor_model_parallel_rank()
-        _loss_checks(errs, tp, rank, 50, 52, torch.float32, f"tp{tp}/padded_vocab")
-        _loss_checks(errs, tp, rank, 64, 64, torch.float32, f"tp{tp}/exact_vocab")
-        _loss_checks(errs, tp, rank, 50, 52, torch.bfloat16, f"tp{tp}/bf16")
-        _tied_output_checks(errs, tp, rank, f"tp{tp}/tied_output_layer")
-        _communication_checks(errs, tp, rank, f"tp{tp}/communication")
-        mpu.destroy_model_parallel()
+    rank = mpu.get_tensor_model_parallel_rank()
+    _loss_checks(errs, tp, rank, 50, 52, torch.float32, f"tp{tp}/padded_vocab")
+    _loss_checks(errs, tp, rank, 64, 64, torch.float32, f"tp{tp}/exact_vocab")
+    _loss_checks(errs, tp, rank, 50, 52, torch.bfloat16, f"tp{tp}/bf16")
+    _tied_output_checks(errs, tp, rank, f"tp{tp}/tied_output_layer")
+    _communication_checks(errs, tp, rank, f"tp{tp}/communication")
     return errs
 
 
 def test_vocab_parallel_cross_entropy_equals_serial_at_tp4_and_tp2():
-    results = run_distributed(_cross_entropy_worker, 4)
-    for rank, errs in enumerate(results):
+    for rank, result in enumerate(tp_launch_results()):
+        errs = result["cross_entropy"]
         assert len(errs) > 20
         # A value is an error (tolerance ATOL) or an (error, tolerance) pair.
         bad = {k: v for k, v in errs.items()

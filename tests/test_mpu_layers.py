@@ -1,10 +1,13 @@
 """Tensor-parallel layers and mappings equal the serial computation.
 
 One 4-process gloo launch runs every check at TP=4, then re-initializes at
-TP=2 x DP=2 and runs them again. Each rank builds the serial reference itself
+TP=2 x DP=2 and runs them again; the same launch also runs the distributed
+checks of test_cross_entropy and test_mpu_random (``tp_launch_results``). Each rank builds the serial reference itself
 from the same seeds (plain ``torch.nn.functional`` on the full weights), so
 the parent only compares the reported errors with the tolerance.
 """
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -230,33 +233,47 @@ def _indivisible_messages():
     return messages
 
 
-def _layers_worker():
-    errs, messages = {}, None
+def _tp_worker():
+    """Every TP check of the mpu tests, at TP=4 then TP=2 x DP=2, in one launch
+    (each spawned process costs seconds of CPU on the shared test machine)."""
+    from tests.test_cross_entropy import cross_entropy_errors
+    from tests.test_mpu_random import dropout_masks
+
+    out = {"layers": {}, "cross_entropy": {}, "masks": {}, "indivisible": None}
     for tp in (4, 2):
         mpu.initialize_model_parallel(tp)
         assert mpu.get_tensor_model_parallel_world_size() == tp
-        errs.update(_all_checks(tp))
+        out["layers"].update(_all_checks(tp))
+        out["cross_entropy"].update(cross_entropy_errors(tp))
+        out["masks"][tp] = dropout_masks()
         if tp == 2:
-            messages = _indivisible_messages()
+            out["indivisible"] = _indivisible_messages()
         mpu.destroy_model_parallel()
-    return errs, messages
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def tp_launch_results():
+    """Per-rank results of the one 4-process launch shared by test_mpu_layers,
+    test_cross_entropy and test_mpu_random (run once per pytest session)."""
+    return tuple(run_distributed(_tp_worker, 4))
 
 
 @pytest.fixture(scope="module")
 def layer_results():
-    """One 4-process launch shared by the tests of this module."""
-    return run_distributed(_layers_worker, 4)
+    return tp_launch_results()
 
 
 def test_layers_and_mappings_equal_serial_at_tp4_and_tp2(layer_results):
-    for rank, (errs, _) in enumerate(layer_results):
+    for rank, result in enumerate(layer_results):
+        errs = result["layers"]
         assert len(errs) > 50
         bad = {k: v for k, v in errs.items() if not v <= ATOL}
         assert not bad, f"rank {rank}: {bad}"
 
 
 def test_sizes_not_divisible_by_tp_are_one_line_errors(layer_results):
-    messages = layer_results[0][1]
+    messages = layer_results[0]["indivisible"]
     assert all(m is not None and "\n" not in m for m in messages), messages
     assert "(7)" in messages[0] and "(2)" in messages[0]
     assert "(5)" in messages[1]

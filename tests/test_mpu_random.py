@@ -1,7 +1,8 @@
 """Model-parallel RNG tracker and activation checkpointing that replays RNG.
 
-Single-process tests cover the tracker and ``checkpoint``; one 2-process gloo
-launch checks dropout masks across TP ranks (TP=2) and across DP ranks (TP=1).
+Single-process tests cover the tracker and ``checkpoint``; dropout masks
+across TP ranks (TP=4, TP=2 x DP=2) come from the 4-process launch shared with
+test_mpu_layers.
 """
 import io
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from tests.dist_harness import run_distributed
+from tests.test_mpu_layers import tp_launch_results
 
 SEED = 1234
 
@@ -22,8 +23,11 @@ def _fresh_tracker():
     mpu.get_rng_tracker().reset()
 
 
-def _masks():
-    """A replicated-region mask (default generator) and a split-region one (tracker)."""
+def dropout_masks():
+    """After ``model_parallel_seed``: a replicated-region mask (default
+    generator), a split-region one (tracker), and the next replicated one.
+    Run inside the shared launch of test_mpu_layers."""
+    mpu.model_parallel_seed(SEED)
     ones = torch.ones(64, 32)
     replicated = F.dropout(ones, 0.5) != 0
     with mpu.get_rng_tracker().fork():
@@ -32,26 +36,23 @@ def _masks():
     return replicated, split, replicated_after
 
 
-def _masks_worker():
-    out = {}
-    for tp in (2, 1):
-        mpu.initialize_model_parallel(tp)
-        mpu.model_parallel_seed(SEED)
-        out[tp] = _masks()
-        mpu.destroy_model_parallel()
-    return out
-
-
 def test_split_region_masks_differ_across_tp_ranks_replicated_equal():
-    r0, r1 = run_distributed(_masks_worker, 2)
-    # TP=2: ranks 0 and 1 are one TP group.
-    for a, b in ((r0[2][0], r1[2][0]), (r0[2][2], r1[2][2])):
-        assert torch.equal(a, b)
-    assert not torch.equal(r0[2][1], r1[2][1])
-    # TP=1 (DP=2): both ranks are TP rank 0, so even the split-region masks agree.
-    assert all(torch.equal(a, b) for a, b in zip(r0[1], r1[1]))
-    # The tracker is a different stream from the default generator.
-    assert not torch.equal(r0[2][0], r0[2][1])
+    results = tp_launch_results()
+    world = len(results)
+    for tp in (4, 2):
+        masks = [r["masks"][tp] for r in results]
+        for rank in range(world):
+            replicated, split, replicated_after = masks[rank]
+            # Replicated regions: the same mask on every rank.
+            assert torch.equal(replicated, masks[0][0])
+            assert torch.equal(replicated_after, masks[0][2])
+            # The tracker is another stream than the default generator.
+            assert not torch.equal(split, replicated)
+            for other in range(world):
+                same_tp_rank = rank % tp == other % tp
+                # Split regions: different across TP ranks, equal across DP
+                # replicas of the same TP rank.
+                assert torch.equal(split, masks[other][1]) == same_tp_rank, (tp, rank, other)
 
 
 def test_fork_leaves_the_default_stream_untouched_and_advances_its_own():
