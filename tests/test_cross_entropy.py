@@ -152,6 +152,13 @@ def test_single_process_matches_cross_entropy_and_autograd(dtype):
     assert _err(logits.grad, ref_logits.grad) <= tol
 
 
+def test_int32_targets_work():
+    logits = torch.randn(4, 7)
+    target = torch.tensor([0, 6, 3, 2], dtype=torch.int32)
+    loss = mpu.vocab_parallel_cross_entropy(logits, target)
+    assert _err(loss, F.cross_entropy(logits, target.long(), reduction="none")) <= ATOL
+
+
 def test_large_logits_stay_finite():
     """The max is subtracted before exp: logits of 1e4 give finite losses."""
     logits = torch.tensor([[1e4, 0.0, -1e4], [1e4, 1e4, 1e4]], requires_grad=True)

@@ -33,7 +33,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         partition_vocab_size = logits.size(-1)
         vocab_start, vocab_end = vocab_range_from_per_partition_vocab_size(partition_vocab_size, rank)
         target_outside = (target < vocab_start) | (target >= vocab_end)
-        local_target = (target - vocab_start).masked_fill(target_outside, 0)
+        local_target = (target.long() - vocab_start).masked_fill(target_outside, 0)
 
         predicted_logits = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         predicted_logits = predicted_logits.masked_fill(target_outside, 0.0)
