@@ -177,6 +177,11 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
     window = {"loss": 0.0, "count": 0, "skipped": 0, "nan": 0}
     total_skipped = 0
     nonfinite_run = 0
+    if iteration == 0 and valid_factory is not None and t.eval_iters > 0:
+        # The starting point of the validation curve (about ln(vocab) for a fresh model).
+        vloss = evaluate(cfg, forward_step_func, valid_factory, model_chunks, device)
+        history["valid_losses"][0] = vloss
+        _log_eval("validation", 0, consumed_samples, vloss, writer)
     timers("interval").start()
     print_rank_0(f"training: iterations {iteration} -> {t.train_iters}, global batch {gbs}, "
                  f"micro batch {t.micro_batch_size}, {num_micro} micro batches per step, "

@@ -21,7 +21,9 @@ def _resume_runs(workdir, world):
     torch.distributed.barrier()
     # Dropout on, so the RNG states must be restored too; eval every 4 iterations.
     common = {"training.train_iters": 2 * N, "training.eval_interval": 3,
-              "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1}
+              "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
+              # at DP=2 the sharded (ZeRO-1) optimizer: one state file per DP rank
+              "parallel.distributed_optimizer": world > 1}
     straight_dir = os.path.join(workdir, f"straight{world}")
     split_dir = os.path.join(workdir, f"split{world}")
     straight = run_pretrain(tiny_overrides(prefix, **common, **{"checkpoint.save": straight_dir}))
@@ -29,6 +31,7 @@ def _resume_runs(workdir, world):
         "checkpoint.save": split_dir, "training.exit_interval": N, "checkpoint.save_interval": 2,
         "checkpoint.keep_last_n": 1}))
     kept = sorted(os.listdir(split_dir))
+    shard_files = sorted(os.listdir(os.path.join(split_dir, f"iter_{N:07d}", "mp_rank_00")))
     second = run_pretrain(tiny_overrides(prefix, **common, **{
         "checkpoint.save": split_dir, "checkpoint.load": split_dir}))
 
@@ -53,7 +56,7 @@ def _resume_runs(workdir, world):
         same_params = same_params and a["consumed_samples"] == b["consumed_samples"]
     return {"straight": straight["train_losses"], "first": first["train_losses"],
             "first_exit": first["exit_reason"], "second": second["train_losses"],
-            "kept": kept, "mismatch": mismatch, "same_params": same_params}
+            "kept": kept, "shard_files": shard_files, "mismatch": mismatch, "same_params": same_params}
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -67,6 +70,9 @@ def test_exact_resume(tmp_path, world):
             assert resumed[i] == r["straight"][i], (world, i, resumed[i], r["straight"][i])
         # keep_last_n=1 with saves at 2 and 4 leaves 4
         assert r["kept"] == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+        expected = ["model_optim_rng.pt"] + [f"distrib_optim_dp_{d:03d}.pt" for d in range(world)
+                                             if world > 1]
+        assert r["shard_files"] == sorted(expected)
     if world == 1:
         mismatch = results[0]["mismatch"]
         assert mismatch is not None and "64" in mismatch and "32" in mismatch, mismatch
