@@ -1,13 +1,15 @@
 """Distributed (ZeRO-1) optimizer: same losses as the plain optimizer at DP=4 and
-DP=2 (x TP=2), exact resume from its state dict, clear refusal at another DP size."""
+DP=2 (x TP=2), exact resume from its state dict, re-sharding from all shards,
+clear refusal of a single shard from another DP size."""
 import io
 
+import pytest
 import torch
 
 from megatron import mpu
-from megatron.mpu.distributed import DistributedDataParallel
+from megatron.mpu.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.optimizer import get_megatron_optimizer
-from tests.test_clip_grads import TinyTP, distributed_results, full_params, make_cfg, run_iters
+from tests.test_clip_grads import TinyTP, batch, distributed_results, full_params, make_cfg, run_iters
 
 
 def _build(distributed, precision="fp32"):
@@ -59,6 +61,9 @@ def _body(iters):
         res["dist_losses"], _ = run_iters(dist_model, dist_opt, 0, iters // 2)
         model_state = _roundtrip(dist_model.state_dict())
         opt_state = _roundtrip(dist_opt.state_dict())
+        # torch's load_state_dict keeps the given state tensors, and training
+        # then updates them in place: keep an untouched copy for re-sharding.
+        shard_copy = _roundtrip(opt_state)
         more, _ = run_iters(dist_model, dist_opt, iters // 2, iters - iters // 2)
         res["dist_losses"] += more
         res["plain_params"] = full_params(plain_model)
@@ -86,6 +91,8 @@ def _body(iters):
         res["dp"] = dp
         if dp == 4:
             res["tiny"] = _tiny_shard_step()
+            # For re-sharding to DP=1 in the parent process.
+            res["shard_state"], res["model_state"] = shard_copy, model_state
         out[tp] = res
         mpu.destroy_model_parallel()
     return out
@@ -115,3 +122,29 @@ def test_distributed_optimizer_matches_plain_and_resumes_exactly():
                 torch.testing.assert_close(got, ref)
             msg = r["mismatch_error"]
             assert msg is not None and str(r["dp"]) in msg and str(2 * r["dp"]) in msg, msg
+
+
+def test_reshard_dp4_checkpoint_to_dp1():
+    """Every DP=4 shard loaded at DP=1 (this process, no groups) continues the
+    DP=4 run: same global losses (1e-6 relative) and params."""
+    iters, num_micro = 6, 2
+    results = [r[1] for r in distributed_results("distopt")]
+    model, opt = _build(True)
+    model.load_state_dict(results[0]["model_state"])
+    opt.load_state_dict([r["shard_state"] for r in results])
+    for it in range(iters // 2, iters):
+        opt.zero_grad()
+        total = 0.0
+        for i in range(num_micro):
+            xs, ys = zip(*(batch(it, i, r) for r in range(4)))
+            loss = model(torch.cat(xs), torch.cat(ys)) / num_micro
+            opt.scale_loss(loss).backward()
+            total += loss.item()
+        finalize_model_grads([model])
+        assert opt.step()[0]
+        dp4 = sum(r["dist_losses"][it] for r in results) / 4
+        assert abs(total - dp4) <= 1e-6 * abs(dp4), (it, total, dp4)
+    for name, ref in results[0]["dist_params"].items():
+        torch.testing.assert_close(model.state_dict()[name], ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="all 4 data-parallel ranks"):
+        opt.load_state_dict([r["shard_state"] for r in results[:3]])

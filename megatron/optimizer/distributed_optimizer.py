@@ -107,15 +107,18 @@ class DistributedOptimizer(MegatronOptimizer):
                 **self._layout()}
 
     def load_state_dict(self, state_dict):
-        """Resume this rank's shard exactly. The checkpoint must come from the
-        same DP size (and rank) with the same model: re-sharding across DP sizes
-        is not supported and is refused with both sizes named."""
+        """Resume from this rank's shard (a dict saved at the same DP size and
+        rank: exact), or re-shard from the list of *every* DP rank's shard of a
+        run at any DP size. A single shard from another DP size is refused with
+        both sizes named."""
+        if isinstance(state_dict, (list, tuple)):
+            return self._load_resharded(list(state_dict))
         saved_dp = state_dict.get("data_parallel_size")
         if saved_dp != self.dp_size:
             raise ValueError(
                 f"distributed optimizer checkpoint was saved at data-parallel size {saved_dp} "
                 f"but this run has data-parallel size {self.dp_size}; resume at DP={saved_dp} "
-                f"(re-sharding optimizer state across DP sizes is not supported)")
+                f"or load the shards of all {saved_dp} DP ranks to re-shard")
         if state_dict.get("data_parallel_rank", self.dp_rank) != self.dp_rank:
             raise ValueError(f"distributed optimizer shard of DP rank "
                              f"{state_dict['data_parallel_rank']} loaded on DP rank {self.dp_rank}")
@@ -132,3 +135,49 @@ class DistributedOptimizer(MegatronOptimizer):
             for e, saved in zip(self._order, state_dict["shard_fp32_params"]):
                 e.master.copy_(saved)
             self._copy_main_params_to_model_params()
+
+    @torch.no_grad()
+    def _load_resharded(self, shards):
+        """Rebuild whole fp32 params and Adam moments (in buffer coordinates,
+        which do not depend on DP) from every saved shard, then take this
+        rank's slices of them."""
+        shards = sorted(shards, key=lambda sd: sd.get("data_parallel_rank", -1))
+        old_dp = shards[0].get("data_parallel_size") if shards else None
+        ranks = [sd.get("data_parallel_rank") for sd in shards]
+        if old_dp is None or ranks != list(range(old_dp)):
+            raise ValueError(f"re-sharding the distributed optimizer needs the shards of all "
+                             f"{old_dp} data-parallel ranks, got ranks {ranks}")
+        numels = [b.numel_unpadded for b in self._buffers]
+        for sd in shards:
+            if list(sd.get("buffer_numels", [])) != numels:
+                raise ValueError(f"distributed optimizer checkpoint's gradient buffers "
+                                 f"{list(sd.get('buffer_numels', []))} do not match this "
+                                 f"model's {numels}")
+        full = {k: [torch.zeros(n, dtype=torch.float32) for n in numels]
+                for k in ("param", "exp_avg", "exp_avg_sq")}
+        step = None
+        for sd in shards:
+            state = sd["optimizer"]["state"]
+            for k, (b, lo, hi) in enumerate(sd["slices"]):
+                full["param"][b][lo:hi] = sd["shard_fp32_params"][k].cpu()
+                if k in state:
+                    full["exp_avg"][b][lo:hi] = state[k]["exp_avg"].cpu()
+                    full["exp_avg_sq"][b][lo:hi] = state[k]["exp_avg_sq"].cpu()
+                    step = state[k]["step"]
+        new_state = {}
+        for k, e in enumerate(self._order):
+            b = self._buffers.index(e.buffer)
+            if step is not None:  # every slice is stepped together, so one count fits all
+                new_state[k] = {"step": step.clone() if torch.is_tensor(step) else step,
+                                "exp_avg": full["exp_avg"][b][e.lo:e.hi].clone(),
+                                "exp_avg_sq": full["exp_avg_sq"][b][e.lo:e.hi].clone()}
+        groups = []
+        for mine, saved in zip(self.optimizer.state_dict()["param_groups"],
+                               shards[0]["optimizer"]["param_groups"]):
+            groups.append({**saved, "params": mine["params"]})
+        self.optimizer.load_state_dict({"state": new_state, "param_groups": groups})
+        self._load_scaler_state(shards[0].get("grad_scaler"))
+        for e in self._order:
+            b = self._buffers.index(e.buffer)
+            e.master.copy_(full["param"][b][e.lo:e.hi])
+        self._copy_main_params_to_model_params()
