@@ -202,7 +202,9 @@ def finalize_model_grads(model_chunks):
     every chunk over DP. The model-parallel sums come first so that, with the
     distributed optimizer's reduce-scatter, every element of a rank's shard
     already holds its full model-parallel sum; the result equals DP-first order
-    because the operations are linear.
+    because the operations are linear. With virtual pipelining the embedding
+    sum ignores the current virtual rank: the chunks holding the embedding
+    are found by their ``tied_embedding`` params.
     """
     sp_params, tied_params = [], []
     for chunk in model_chunks:
@@ -216,7 +218,7 @@ def finalize_model_grads(model_chunks):
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         _all_reduce_grads(sp_params, parallel_state.get_tensor_model_parallel_group())
     if (parallel_state.get_pipeline_model_parallel_world_size() > 1
-            and parallel_state.is_rank_in_embedding_group()):
+            and parallel_state.is_rank_in_embedding_group(ignore_virtual=True)):
         _all_reduce_grads(tied_params, parallel_state.get_embedding_group())
     for chunk in model_chunks:
         if hasattr(chunk, "finish_grad_sync"):
