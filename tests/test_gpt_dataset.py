@@ -214,3 +214,21 @@ def test_rank0_builds_others_load(tmp_path):
     assert [r["built"] for r in results] == [True, False]
     assert results[0]["samples"] == results[1]["samples"]
     assert len(os.listdir(str(tmp_path / "cache"))) == 3
+
+
+def test_bucketed_shuffle_is_a_uniform_deterministic_permutation():
+    from itertools import permutations
+    rng = np.random.Generator(np.random.PCG64(0))
+    trials = 4800
+    counts = {p: 0 for p in permutations(range(4))}
+    for _ in range(trials):
+        a = np.arange(4, dtype=np.int32)
+        index_builders.shuffle_in_place(a, rng, bucket_threshold=0)
+        counts[tuple(a.tolist())] += 1
+    expected = trials / 24  # 200, standard deviation about 14
+    assert all(abs(c - expected) < 75 for c in counts.values()), counts
+    big = [np.arange(100_000, dtype=np.int32) for _ in range(2)]
+    for a in big:
+        index_builders.shuffle_in_place(a, np.random.Generator(np.random.PCG64(7)), bucket_threshold=0)
+    assert np.array_equal(big[0], big[1]) and sorted(big[0].tolist()) == list(range(100_000))
+    assert not np.array_equal(big[0], np.arange(100_000))

@@ -26,9 +26,31 @@ def num_epochs_needed(tokens_per_epoch, seq_length, num_samples):
     return max(1, math.ceil((num_samples * seq_length + 1) / tokens_per_epoch))
 
 
-def shuffle_in_place(array, rng):
-    """Uniformly shuffle ``array`` with the generator ``rng``."""
-    rng.shuffle(array)
+def shuffle_in_place(array, rng, bucket_threshold=1 << 20):
+    """Uniformly shuffle the 1-D ``array`` with the generator ``rng``.
+
+    Large arrays are shuffled in two cache-friendly passes (Sanders' algorithm): each
+    element goes to a random bucket (a stable counting sort on random bucket ids), then
+    each bucket, small enough for the CPU cache, is shuffled on its own. The result is
+    a uniform permutation, about twice as fast as one Fisher-Yates pass over an array
+    far larger than the cache, whose every swap misses it.
+    """
+    n = len(array)
+    if n < bucket_threshold or n < 2:
+        rng.shuffle(array)
+        return
+    num_buckets = int(min(max(2, n // 32768), 65535))
+    bucket = rng.integers(0, num_buckets, n, dtype=np.uint16)
+    order = np.argsort(bucket, kind="stable")  # radix sort: linear time on uint16
+    counts = np.bincount(bucket, minlength=num_buckets)
+    del bucket
+    grouped = array[order]
+    del order
+    start = 0
+    for count in counts.tolist():
+        rng.shuffle(grouped[start:start + count])
+        start += count
+    array[:] = grouped
 
 
 def build_document_index(num_documents, num_epochs, rng, separate_last_epoch):
