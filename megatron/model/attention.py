@@ -40,13 +40,20 @@ class ParallelAttention(torch.nn.Module):
             return fused_kernels.core_attention(q, k, v, dropout_p=self.attention_dropout,
                                                 training=self.training)
 
-    def forward(self, hidden_states):
-        """[s(/tp), b, h] -> ([s(/tp), b, h], bias [h])."""
+    def forward(self, hidden_states, inference_params=None):
+        """[s(/tp), b, h] -> ([s(/tp), b, h], bias [h]).
+
+        With ``inference_params`` (a key-value cache) the new keys and values
+        are appended to the cache and the queries attend to every cached
+        position (causally, aligned to the last query).
+        """
         qkv, _ = self.query_key_value(hidden_states)
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)
         # [s, b, np, 3, hn] -> 3 x [b, np, s, hn]
         q, k, v = qkv.permute(3, 1, 2, 0, 4).unbind(0)
+        if inference_params is not None:
+            k, v = inference_params.update(self, k, v)
         if self.selective_recompute and self.training and torch.is_grad_enabled():
             context = mpu.checkpoint(self._core, q, k, v)
         else:

@@ -50,7 +50,7 @@ class GPTModel(torch.nn.Module):
     global layer indices, so weights and ``state_dict`` keys do not depend on
     the TP / PP layout.
 
-    ``forward(input_ids, position_ids, labels=None)`` returns, on a last stage,
+    ``forward(input_ids, position_ids, labels=None, inference_params=None)`` returns, on a last stage,
     the per-token loss [b, s] (fp32) when ``labels`` is given, else the
     vocab-parallel logits [b, s, V/TP]; on other stages, hidden states
     [s, b, h] ([s/tp, b, h] with sequence parallelism).
@@ -116,11 +116,14 @@ class GPTModel(torch.nn.Module):
         """The (local shard of the) word-embedding weight used by the output layer."""
         return self.embedding.word_embeddings.weight
 
-    def forward(self, input_ids, position_ids=None, labels=None):
-        """See the class docstring; ``position_ids`` None means 0..s-1."""
+    def forward(self, input_ids, position_ids=None, labels=None, inference_params=None):
+        """See the class docstring; ``position_ids`` None means 0..s-1 (after the
+        cached positions when ``inference_params``, a key-value cache, is given)."""
         if self.pre_process:
             if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+                start = inference_params.sequence_len_offset if inference_params is not None else 0
+                position_ids = torch.arange(start, start + input_ids.shape[1],
+                                            device=input_ids.device)
                 position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
             hidden_states = self.embedding(input_ids, position_ids)
         else:
@@ -130,7 +133,9 @@ class GPTModel(torch.nn.Module):
             hidden_states = self.input_tensor
 
         for layer in self.layers.values():
-            if self.recompute == "full" and self.training and torch.is_grad_enabled():
+            if inference_params is not None:
+                hidden_states = layer(hidden_states, inference_params=inference_params)
+            elif self.recompute == "full" and self.training and torch.is_grad_enabled():
                 hidden_states = mpu.checkpoint(layer, hidden_states)
             else:
                 hidden_states = layer(hidden_states)

@@ -45,9 +45,10 @@ class ParallelTransformerLayer(torch.nn.Module):
         return dropout_rng_context(self.sequence_parallel,
                                    self.training and self.hidden_dropout > 0)
 
-    def forward(self, hidden_states):
-        """[s(/tp), b, h] -> [s(/tp), b, h]."""
-        out, bias = self.self_attention(self.input_layernorm(hidden_states))
+    def forward(self, hidden_states, inference_params=None):
+        """[s(/tp), b, h] -> [s(/tp), b, h]; ``inference_params``: optional key-value cache."""
+        out, bias = self.self_attention(self.input_layernorm(hidden_states),
+                                        inference_params=inference_params)
         with self._residual_rng():
             hidden_states = fused_kernels.bias_dropout_add(
                 out, bias, hidden_states, self.hidden_dropout, self.training)

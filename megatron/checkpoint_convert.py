@@ -1,0 +1,155 @@
+"""Reshard a checkpoint to another TP / PP layout (the logic of tools/checkpoint_convert.py).
+
+The result has the format of megatron/checkpointing.py (same file names,
+metadata, latest file) with the new parallel sizes in its config, so the
+training loop loads it at the target layout.
+"""
+import copy
+import os
+import shutil
+
+import torch
+
+from megatron.checkpointing import (CHECKPOINT_VERSION, LATEST, MODEL_FILE, CheckpointError,
+                                    iteration_dir, rank_dir_name)
+from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state,
+                              merge_optimizer_state, resize_optimizer_vocab, resize_vocab,
+                              split_model_state, split_optimizer_state, target_padded_vocab)
+
+# Seed offset of the model-parallel RNG of TP rank r (seed + offset + r), as in
+# mpu.model_parallel_seed: a new TP rank starts its dropout stream there.
+_TP_SEED_OFFSET = 2718
+
+
+def true_vocab_size(config, fallback):
+    """The tokenizer's vocabulary size from a checkpoint config, ``fallback`` if it cannot be built."""
+    from megatron.tokenizer import build_tokenizer
+    try:
+        return build_tokenizer(config.get("tokenizer") or {}).vocab_size
+    except Exception:
+        return fallback
+
+
+def _rng_for(source_states, seed, tp_rank):
+    """RNG states of a target rank: the source's, with the model-parallel tracker
+    re-seeded for this TP rank (heads move between ranks, so the old stream has no
+    meaning for a new layout)."""
+    states = []
+    for st in source_states or []:
+        st = dict(st)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) + _TP_SEED_OFFSET + tp_rank)
+        st["tracker"] = {"model-parallel-rng": {"cpu": gen.get_state()}}
+        states.append(st)
+    return states
+
+
+def _atomic_save(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(save_dir, iteration, rank_files, pp):
+    """Write ``rank_files[(tp, pp)]`` under ``save_dir/iter_N`` (temporary dir, then
+    rename) and point the latest file at it."""
+    os.makedirs(save_dir, exist_ok=True)
+    final = iteration_dir(save_dir, iteration)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for (tp_rank, pp_rank), obj in rank_files.items():
+        d = os.path.join(tmp, rank_dir_name(tp_rank, pp_rank, pp))
+        os.makedirs(d, exist_ok=True)
+        _atomic_save(obj, os.path.join(d, MODEL_FILE))
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp.{os.getpid()}")
+    with open(latest_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+    os.replace(latest_tmp, os.path.join(save_dir, LATEST))
+    return final
+
+
+def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp=1,
+                     optimizer=None, scheduler_state=None, rng_states=None, extra=None):
+    """Checkpoint dicts ``{(tp_rank, pp_rank): dict}`` of a full model state at a layout.
+
+    ``full_model`` must carry the target's vocabulary padding; ``optimizer`` is a
+    merged optimizer state (reshard.merge_optimizer_state) or None.
+    """
+    num_layers = int(config["model"]["num_layers"])
+    if num_layers % (pp * vp) != 0:
+        raise CheckpointError(f"num_layers={num_layers} is not divisible by target "
+                              f"pipeline_model_parallel_size={pp} x virtual size {vp}")
+    heads = int(config["model"]["num_attention_heads"])
+    if heads % tp != 0:
+        raise CheckpointError(f"num_attention_heads={heads} is not divisible by target "
+                              f"tensor_model_parallel_size={tp}")
+    cfg = copy.deepcopy(config)
+    par = cfg.setdefault("parallel", {})
+    par["tensor_model_parallel_size"] = tp
+    par["pipeline_model_parallel_size"] = pp
+    par["virtual_pipeline_model_parallel_size"] = vp if vp > 1 else None
+    if optimizer is not None:
+        par["distributed_optimizer"] = False  # the resharded state is the plain optimizer's
+    seed = int((cfg.get("training") or {}).get("seed", 1234))
+    shards = split_model_state(full_model, num_layers, tp, pp, vp)
+    files = {}
+    for (tp_rank, pp_rank), chunk_states in shards.items():
+        f = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "config": cfg,
+            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                         "virtual_pipeline_model_parallel_size": vp, "data_parallel_size": 1},
+            "rng_state": _rng_for(rng_states, seed, tp_rank),
+            "opt_param_scheduler": scheduler_state,
+        }
+        if vp == 1:
+            f["model"] = chunk_states[0]
+        else:
+            for i, st in enumerate(chunk_states):
+                f[f"model{i}"] = st
+        if optimizer is not None:
+            f["optimizer"] = split_optimizer_state(optimizer, chunk_states, tp, tp_rank)
+        if extra:
+            f["extra"] = extra
+        files[(tp_rank, pp_rank)] = f
+    return files
+
+
+def convert_checkpoint(load_dir, save_dir, tp, pp, vp=1, include_optimizer=False,
+                       iteration=None, vocab_size=None, log=print):
+    """Reshard the checkpoint under ``load_dir`` to TP=tp x PP=pp (x VP=vp) under ``save_dir``.
+
+    Returns the written iteration directory.
+    """
+    if tp < 1 or pp < 1 or vp < 1:
+        raise CheckpointError(f"target sizes must be >= 1, got TP={tp} PP={pp} VP={vp}")
+    if os.path.abspath(load_dir) == os.path.abspath(save_dir):
+        raise CheckpointError(f"--save-dir {save_dir} must differ from --load-dir {load_dir}")
+    shards = CheckpointShards(load_dir, iteration)
+    log(f"loaded {load_dir} iteration {shards.iteration}: TP={shards.tp} PP={shards.pp} "
+        f"VP={shards.vp}")
+    full = merge_model_state(shards)
+    model_cfg = shards.config.get("model") or {}
+    src_rows = full[WORD_EMBEDDINGS].shape[0]
+    # A tokenizer larger than the embedding cannot be right; never drop real rows.
+    true_vocab = vocab_size or min(true_vocab_size(shards.config, src_rows), src_rows)
+    rows = target_padded_vocab(true_vocab, model_cfg.get("make_vocab_size_divisible_by", 128), tp)
+    full[WORD_EMBEDDINGS] = resize_vocab(full[WORD_EMBEDDINGS], rows)
+    optimizer = None
+    if include_optimizer:
+        optimizer = merge_optimizer_state(shards, full)
+        resize_optimizer_vocab(optimizer, rows)
+    head = shards.head
+    files = build_rank_files(shards.config, shards.iteration, head.get("consumed_samples", 0),
+                             full, tp, pp, vp, optimizer=optimizer,
+                             scheduler_state=head.get("opt_param_scheduler"),
+                             rng_states=head.get("rng_state"), extra=head.get("extra"))
+    out = write_checkpoint(save_dir, shards.iteration, files, pp)
+    log(f"wrote {out}: TP={tp} PP={pp} VP={vp}, vocabulary padded {src_rows} -> {rows} "
+        f"(tokenizer vocabulary {true_vocab}), optimizer state "
+        f"{'resharded' if optimizer is not None else 'dropped'}")
+    return out

@@ -1,0 +1,320 @@
+"""Read a checkpoint of any TP / PP layout, merge it into one full state, split it again.
+
+The model's parameter names do not depend on the layout (global layer indices),
+so merging is: concatenate each tensor-parallel tensor along its partition dim
+over TP ranks, take replicated tensors from TP rank 0, and take the union of
+the pipeline stages. Splitting is the reverse. Two details:
+
+* The QKV projection's output columns are ordered per head ([np, 3, hn]), so a
+  contiguous split of dim 0 gives each rank whole heads: no reordering needed.
+* The word embedding is padded to a multiple of ``make_vocab_size_divisible_by``
+  x TP. Merged states keep the source padding; ``resize_vocab`` adds zero rows
+  or drops padding rows (never rows of real tokens) for another layout. The
+  loss is unchanged when the padded sizes agree; otherwise the padding rows'
+  softmax mass changes slightly (Megatron's converters re-pad the same way).
+
+The same rules apply to the Adam moments and fp32 master weights, which follow
+their parameters.
+"""
+import os
+import re
+
+import torch
+
+from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, iteration_dir,
+                                    rank_dir_name, read_latest_iteration)
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+# Tensors split across TP ranks and their partition dim: column-parallel
+# weights and biases along the output (dim 0), row-parallel weights along the
+# input (dim 1), the vocab-parallel embedding along the vocabulary.
+_PARTITION_DIMS = (
+    (re.compile(r"\.self_attention\.query_key_value\.(weight|bias)$"), 0),
+    (re.compile(r"\.mlp\.dense_h_to_4h\.(weight|bias)$"), 0),
+    (re.compile(r"\.self_attention\.dense\.weight$"), 1),
+    (re.compile(r"\.mlp\.dense_4h_to_h\.weight$"), 1),
+    (re.compile(r"^embedding\.word_embeddings\.weight$"), 0),
+)
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def partition_dim(name):
+    """The dim along which parameter ``name`` is split over TP ranks, None if replicated."""
+    for pattern, dim in _PARTITION_DIMS:
+        if pattern.search(name):
+            return dim
+    return None
+
+
+def layer_index(name):
+    """The global transformer layer index of ``name``, None outside the layers."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def load_file(path):
+    """torch.load a checkpoint file (weights only) or raise CheckpointError in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+class CheckpointShards:
+    """Every rank file of one saved iteration: ``files[(tp, pp)]`` is the loaded dict."""
+
+    def __init__(self, root, iteration=None):
+        if not os.path.isdir(root):
+            raise CheckpointError(f"checkpoint directory {root} does not exist")
+        if iteration is None:
+            iteration = read_latest_iteration(root)
+            if iteration is None:
+                raise CheckpointError(f"no checkpoint under {root} ({LATEST} is absent)")
+        self.root, self.iteration = root, iteration
+        it_dir = iteration_dir(root, iteration)
+        first = os.path.join(it_dir, rank_dir_name(0, 0, 1), MODEL_FILE)
+        if not os.path.isfile(first):
+            first = os.path.join(it_dir, rank_dir_name(0, 0, 2), MODEL_FILE)
+        head = load_file(first)
+        par = head.get("parallel") or {}
+        self.tp = int(par.get("tensor_model_parallel_size", 1))
+        self.pp = int(par.get("pipeline_model_parallel_size", 1))
+        self.vp = int(par.get("virtual_pipeline_model_parallel_size") or 1)
+        self.config = head.get("config") or {}
+        self.files = {}
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                path = os.path.join(it_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
+                self.files[(tp_rank, pp_rank)] = (head if path == first else load_file(path))
+        self.head = head
+
+    def chunk_states(self, tp_rank, pp_rank):
+        """The model state dicts of one rank file, one per virtual chunk."""
+        f = self.files[(tp_rank, pp_rank)]
+        if "model" in f:
+            return [f["model"]]
+        return [f[f"model{i}"] for i in range(self.vp)]
+
+    def has_sharded_optimizer(self):
+        """True when the optimizer state lives in per-DP-rank distributed-optimizer files."""
+        return "optimizer" not in self.head and bool(
+            (self.config.get("parallel") or {}).get("distributed_optimizer"))
+
+
+def _merge_tensor(name, pieces):
+    dim = partition_dim(name)
+    if dim is None or len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces, dim=dim)
+
+
+def merge_model_state(shards):
+    """One full (TP=1, PP=1) state dict from every rank file, in the model's name order.
+
+    The word embedding keeps the source padding; the last stage's copy of the
+    tied embedding is dropped (the first stage's is the same weight).
+    """
+    per_name = {}
+    order = []
+    for pp_rank in range(shards.pp):
+        per_tp = [shards.chunk_states(t, pp_rank) for t in range(shards.tp)]
+        for chunk in range(len(per_tp[0])):
+            for name in per_tp[0][chunk]:
+                if name in per_name:
+                    continue  # the tied-embedding copy on the last stage
+                try:
+                    pieces = [per_tp[t][chunk][name] for t in range(shards.tp)]
+                except KeyError:
+                    raise CheckpointError(f"checkpoint {shards.root} iteration {shards.iteration}: "
+                                          f"{name} is missing from some TP rank of stage {pp_rank}")
+                per_name[name] = _merge_tensor(name, pieces)
+                order.append(name)
+    return _canonical_order({n: per_name[n] for n in order})
+
+
+def _sort_key(name):
+    i = layer_index(name)
+    if name.startswith("embedding."):
+        return (0, 0, name.startswith("embedding.position"))
+    if i is not None:
+        return (1, i, 0)
+    return (2, 0, 0)
+
+
+def _canonical_order(state):
+    # Stable sort: embedding first, then layers by global index, then the final
+    # LayerNorm, each keeping the model's own order inside a layer.
+    return dict(sorted(state.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def resize_vocab(tensor, rows):
+    """``tensor`` with ``rows`` rows along dim 0: zero rows appended, or trailing rows dropped."""
+    n = tensor.shape[0]
+    if rows == n:
+        return tensor
+    if rows < n:
+        return tensor[:rows].clone()
+    pad = torch.zeros((rows - n,) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=0)
+
+
+def target_padded_vocab(true_vocab, divisible_by, tp):
+    """Padded vocabulary size for ``tp`` ranks (a multiple of divisible_by x tp)."""
+    multiple = int(divisible_by) * int(tp)
+    return ((int(true_vocab) + multiple - 1) // multiple) * multiple
+
+
+def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
+    """The full-state names that model chunk (pp_rank, vp_rank) holds, in order."""
+    from megatron.model.utils import stage_layer_range
+    start, end = stage_layer_range(num_layers, pp, pp_rank, vp if vp > 1 else None, vp_rank)
+    first = pp_rank == 0 and vp_rank == 0
+    last = pp_rank == pp - 1 and vp_rank == vp - 1
+    names = []
+    for n in full_names:
+        i = layer_index(n)
+        if i is not None:
+            if start <= i < end:
+                names.append(n)
+        elif n.startswith("embedding."):
+            if first or (last and n == WORD_EMBEDDINGS):
+                names.append(n)
+        elif last:
+            names.append(n)
+    if last and not first:
+        # The last stage's copy of the word embedding sits before its layers,
+        # as in GPTModel (its embedding module is built first).
+        names.remove(WORD_EMBEDDINGS)
+        names.insert(0, WORD_EMBEDDINGS)
+    return names
+
+
+def split_tensor(name, tensor, tp, tp_rank):
+    """TP rank ``tp_rank``'s shard of full tensor ``name``."""
+    dim = partition_dim(name)
+    if dim is None or tp == 1:
+        return tensor.clone()
+    size = tensor.shape[dim]
+    if size % tp != 0:
+        raise CheckpointError(f"{name} has size {size} along dim {dim}, not divisible by "
+                              f"tensor_model_parallel_size={tp}")
+    return tensor.chunk(tp, dim=dim)[tp_rank].clone()
+
+
+def split_model_state(full, num_layers, tp, pp, vp=1):
+    """``{(tp_rank, pp_rank): [chunk state dict per virtual chunk]}`` for the target layout.
+
+    ``full`` must already have the target's vocabulary padding.
+    """
+    out = {}
+    names = list(full)
+    for pp_rank in range(pp):
+        chunks_names = [chunk_names(names, num_layers, pp, vp, pp_rank, v) for v in range(vp)]
+        for tp_rank in range(tp):
+            out[(tp_rank, pp_rank)] = [{n: split_tensor(n, full[n], tp, tp_rank) for n in cn}
+                                       for cn in chunks_names]
+    return out
+
+
+# ------------------------------------------------------------------ optimizer
+def _is_no_decay(name, tensor):
+    # The rule of megatron.optimizer.get_param_groups, on names and shapes.
+    return name.endswith(".bias") or tensor.dim() == 1
+
+
+def optimizer_param_order(chunk_states):
+    """Names in the order of the optimizer's flat param index (decay group, then no-decay)."""
+    decay, no_decay = [], []
+    for state in chunk_states:
+        for name, t in state.items():
+            (no_decay if _is_no_decay(name, t) else decay).append(name)
+    return decay, no_decay
+
+
+def merge_optimizer_state(shards, full_model):
+    """Full per-name optimizer state: ``{"params": {name: {key: tensor}}, "masters": {name:
+    tensor}, "groups": [group hyperparameters], "grad_scaler": state}`` from plain
+    (non-sharded) optimizer states of every rank file."""
+    if shards.has_sharded_optimizer():
+        raise CheckpointError(f"checkpoint {shards.root} holds a distributed (sharded) optimizer "
+                              f"state; --include-optimizer supports the plain optimizer only")
+    per_rank = {}
+    for key, f in shards.files.items():
+        if "optimizer" not in f:
+            raise CheckpointError(f"checkpoint {shards.root} rank {key} has no optimizer state")
+        per_rank[key] = f["optimizer"]
+    named = {}  # name -> list over tp of {key: tensor}
+    masters = {}
+    groups = None
+    for pp_rank in range(shards.pp):
+        for tp_rank in range(shards.tp):
+            opt = per_rank[(tp_rank, pp_rank)]
+            inner = opt["optimizer"]
+            decay, no_decay = optimizer_param_order(shards.chunk_states(tp_rank, pp_rank))
+            order = decay + no_decay
+            if groups is None:
+                groups = [{k: v for k, v in g.items() if k != "params"}
+                          for g in inner["param_groups"]]
+            fp32_masters = opt.get("fp32_from_fp16_params")
+            if fp32_masters is not None and len(fp32_masters) != len(order):
+                raise CheckpointError(
+                    f"checkpoint {shards.root} rank {(tp_rank, pp_rank)}: {len(fp32_masters)} fp32 "
+                    f"master params for {len(order)} params (a mixed-dtype model is not supported)")
+            for idx, name in enumerate(order):
+                st = inner["state"].get(idx, inner["state"].get(str(idx)))
+                if st is not None:
+                    named.setdefault(name, {}).setdefault(tp_rank, st)
+                if fp32_masters is not None:
+                    masters.setdefault(name, {}).setdefault(tp_rank, fp32_masters[idx])
+    params = {}
+    for name in full_model:
+        if name not in named:
+            continue
+        pieces = named[name]
+        keys = pieces[0].keys()
+        params[name] = {k: (_merge_tensor(name, [pieces[t][k] for t in range(shards.tp)])
+                            if torch.is_tensor(pieces[0][k]) and pieces[0][k].dim() > 0
+                            else pieces[0][k]) for k in keys}
+    merged_masters = {name: _merge_tensor(name, [m[t] for t in range(shards.tp)])
+                      for name, m in masters.items()}
+    return {"params": params, "masters": merged_masters, "groups": groups,
+            "grad_scaler": per_rank[(0, 0)].get("grad_scaler"),
+            "has_masters": "fp32_from_fp16_params" in per_rank[(0, 0)]}
+
+
+def resize_optimizer_vocab(opt, rows):
+    """Re-pad the word embedding's optimizer tensors to ``rows`` rows."""
+    st = opt["params"].get(WORD_EMBEDDINGS)
+    if st is not None:
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                st[k] = resize_vocab(v, rows)
+    if WORD_EMBEDDINGS in opt["masters"]:
+        opt["masters"][WORD_EMBEDDINGS] = resize_vocab(opt["masters"][WORD_EMBEDDINGS], rows)
+
+
+def split_optimizer_state(opt, chunk_states, tp, tp_rank):
+    """The optimizer ``state_dict()`` of one target rank holding ``chunk_states``."""
+    decay, no_decay = optimizer_param_order(chunk_states)
+    order = decay + no_decay
+    state = {}
+    for idx, name in enumerate(order):
+        st = opt["params"].get(name)
+        if st is None:
+            continue
+        state[idx] = {k: (split_tensor(name, v, tp, tp_rank) if torch.is_tensor(v) and v.dim() > 0
+                          else (v.clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
+    groups = []
+    index = 0
+    for g, names in zip(opt["groups"], (decay, no_decay)):
+        groups.append({**g, "params": list(range(index, index + len(names)))})
+        index += len(names)
+    out = {"optimizer": {"state": state, "param_groups": groups},
+           "grad_scaler": opt["grad_scaler"]}
+    if opt["has_masters"]:
+        out["fp32_from_fp16_params"] = [split_tensor(n, opt["masters"][n], tp, tp_rank)
+                                        for n in order if n in opt["masters"]]
+    return out
