@@ -378,6 +378,10 @@ def finalize(cfg, world_size=1):
         raise ConfigError(f"training.train_iters={t.train_iters} must not be negative")
     if o.lr_decay_iters is None:
         o.lr_decay_iters = t.train_iters
+    if o.lr_decay_style != "constant" and o.lr_decay_iters < o.lr_warmup_iters:
+        raise ConfigError(f"optimizer.lr_decay_iters={o.lr_decay_iters} is shorter than "
+                          f"optimizer.lr_warmup_iters={o.lr_warmup_iters} (lr_decay_iters "
+                          f"defaults to training.train_iters={t.train_iters})")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
     if cfg.checkpoint.keep_last_n is not None and cfg.checkpoint.keep_last_n < 1:

@@ -70,6 +70,7 @@ def test_wrong_type(override, needles):
     (["training.precision=fp8"], 1, ["fp8", "fp16"]),
     (["training.recompute=some"], 1, ["some", "selective"]),
     (["training.train_iters=null"], 1, ["train_iters", "train_samples"]),
+    (["optimizer.lr_warmup_iters=20"], 1, ["lr_decay_iters=10", "lr_warmup_iters=20"]),
 ])
 def test_cross_field_checks(overrides, world, needles):
     with pytest.raises(ConfigError) as e:
