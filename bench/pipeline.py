@@ -105,22 +105,27 @@ def _measure(p, m, v, tf, iters, kind):
     chunks = [_Chunk(work, tf / v) for _ in range(v)]
     fn = (sched.forward_backward_pipelining_with_interleaving if v > 1
           else sched.forward_backward_pipelining_without_interleaving)
-    fractions = []
+    fractions, walls = [], []
     for it in range(iters + 1):  # the first is a warm-up
         dist.barrier()
         work.busy = 0.0
         start = time.perf_counter()
         fn(_forward_step, None, chunks if v > 1 else chunks[0], m, SHAPE[0], SHAPE[1],
            tensor_shape=SHAPE, dtype=torch.float32)
+        # The pipeline is flushed when its slowest stage is done: a stage that
+        # finishes early idles until then (as before an optimizer step).
+        dist.barrier()
         wall = time.perf_counter() - start
         if it > 0:
             fractions.append(1.0 - work.busy / wall)
+            walls.append(wall)
     ps.set_virtual_pipeline_model_parallel_world_size(None)
     ps.set_virtual_pipeline_model_parallel_rank(None)
-    mine = torch.tensor([sum(fractions) / len(fractions)], dtype=torch.float64)
+    mine = torch.tensor([sum(fractions) / len(fractions), sum(walls) / len(walls)],
+                        dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(p)]
     dist.all_gather(every, mine)
-    return [float(t) for t in every]
+    return [float(t[0]) for t in every], max(float(t[1]) for t in every)
 
 
 def _worker(rank, p, port, cases, tf, iters, kind, queue):
@@ -131,9 +136,9 @@ def _worker(rank, p, port, cases, tf, iters, kind, queue):
     ps.initialize_model_parallel(1, p)
     try:
         for (_, m, v) in cases:
-            per_stage = _measure(p, m, v, tf, iters, kind)
+            measured = _measure(p, m, v, tf, iters, kind)
             if rank == 0:
-                queue.put(((p, m, v), per_stage))
+                queue.put(((p, m, v), measured))
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
@@ -148,7 +153,7 @@ def _free_port():
 def main():
     """Run every case, print a table and the key=value line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tf-ms", type=float, default=20.0,
+    parser.add_argument("--tf-ms", type=float, default=40.0,
                         help="forward time of one micro batch through one stage (ms)")
     parser.add_argument("--iters", type=int, default=3, help="measured global batches per case")
     parser.add_argument("--work", choices=("sleep", "matmul"), default="sleep")
@@ -166,25 +171,29 @@ def main():
         for proc in procs:
             proc.start()
         for _ in cases:
-            key, per_stage = queue.get(timeout=600)
-            results[key] = per_stage
+            key, measured = queue.get(timeout=600)
+            results[key] = measured
         for proc in procs:
             proc.join()
             if proc.exitcode != 0:
                 sys.exit(f"bench worker failed with exit code {proc.exitcode} (p={p})")
 
     print(f"pipeline bubble on CPU/gloo, {args.work} work, t_f={args.tf_ms:g} ms, t_b=2 t_f, "
-          f"{args.iters} global batches per case; idle fraction = 1 - busy/wall")
+          f"{args.iters} global batches per case; idle fraction = 1 - busy/wall per stage, "
+          f"wall up to the pipeline flush")
+    print("overhead = (measured wall - theoretical wall) per forward or backward step of a chunk")
     print(f"{'schedule':<12}{'p':>3}{'m':>4}{'v':>3}  {'measured':>9}  {'theory':>7}  "
-          f"{'per stage':<}")
+          f"{'overhead ms':>11}  {'per stage':<}")
     figures = []
     for (p, m, v) in CASES:
-        per_stage = results[(p, m, v)]
+        per_stage, wall = results[(p, m, v)]
         measured = sum(per_stage) / len(per_stage)
         theory = (p - 1) / (v * m + p - 1)
+        ideal_wall = 3 * tf * (m + (p - 1) / v)
+        overhead_ms = 1000 * (wall - ideal_wall) / (2 * m * v)
         name = "1f1b" if v == 1 else "interleaved"
         print(f"{name:<12}{p:>3}{m:>4}{v:>3}  {measured:>9.3f}  {theory:>7.3f}  "
-              + " ".join(f"{x:.3f}" for x in per_stage))
+              f"{overhead_ms:>11.2f}  " + " ".join(f"{x:.3f}" for x in per_stage))
         tag = f"p{p}_m{m}" + ("" if v == 1 else f"_v{v}")
         figures += [f"bubble_{name}_{tag}={measured:.3f}", f"theory_{name}_{tag}={theory:.3f}"]
     print(" ".join(figures))
