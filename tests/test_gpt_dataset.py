@@ -232,3 +232,25 @@ def test_bucketed_shuffle_is_a_uniform_deterministic_permutation():
         index_builders.shuffle_in_place(a, np.random.Generator(np.random.PCG64(7)), bucket_threshold=0)
     assert np.array_equal(big[0], big[1]) and sorted(big[0].tolist()) == list(range(100_000))
     assert not np.array_equal(big[0], np.arange(100_000))
+
+
+def test_sample_index_matches_a_binary_search_with_empty_documents():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        lengths = rng.integers(0, 30, n).astype(np.int32)  # zeros: empty documents
+        order = rng.permutation(n).astype(np.int32)
+        seq = int(rng.integers(1, 20))
+        samples = (int(lengths.sum()) - 1) // seq
+        if samples < 1:
+            continue
+        got = index_builders.build_sample_index(lengths, order, seq, samples)
+        cumulative = np.concatenate([[0], np.cumsum(lengths[order])])
+        starts = np.arange(samples + 1) * seq
+        position = np.searchsorted(cumulative, starts, side="right") - 1
+        assert np.array_equal(got[:, 0], position)
+        assert np.array_equal(got[:, 1], starts - cumulative[position])
+        assert np.all(lengths[order[got[:, 0]]] > got[:, 1])  # never an empty document
+        checked += 1
+    assert checked > 100
