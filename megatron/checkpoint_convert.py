@@ -30,12 +30,29 @@ def true_vocab_size(config, fallback):
         return fallback
 
 
+def fresh_rng_state(seed):
+    """The RNG states a run seeded with ``seed`` starts from (this process's are kept)."""
+    import random
+
+    import numpy as np
+
+    from megatron.checkpointing import get_rng_state, set_rng_state
+    saved = get_rng_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return get_rng_state()
+    finally:
+        set_rng_state(saved)
+
+
 def _rng_for(source_states, seed, tp_rank):
-    """RNG states of a target rank: the source's, with the model-parallel tracker
-    re-seeded for this TP rank (heads move between ranks, so the old stream has no
-    meaning for a new layout)."""
+    """RNG states of a target rank: the source's (fresh ones from ``seed`` when there
+    are none), with the model-parallel tracker re-seeded for this TP rank (heads
+    move between ranks, so the old stream has no meaning for a new layout)."""
     states = []
-    for st in source_states or []:
+    for st in source_states or [fresh_rng_state(seed)]:
         st = dict(st)
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + _TP_SEED_OFFSET + tp_rank)
         st["tracker"] = {"model-parallel-rng": {"cpu": gen.get_state()}}

@@ -1,0 +1,50 @@
+"""Convert between our checkpoints and Hugging Face transformers GPT-2 (GPT2LMHeadModel).
+
+Examples:
+    python tools/convert_hf.py export --load-dir checkpoints/gpt2_tiny --save-dir hf/gpt2_tiny
+    python tools/convert_hf.py import --hf-dir hf/gpt2_tiny --save-dir checkpoints/from_hf \
+        [--target-tensor-parallel-size 2]
+
+Export reads a checkpoint of any TP / PP layout and writes config.json,
+model.safetensors and the tokenizer files; import writes a checkpoint at
+iteration 0 (local directories only, no hub access).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    """Parse arguments and convert; user errors exit with one line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face directory")
+    e.add_argument("--load-dir", required=True)
+    e.add_argument("--save-dir", required=True)
+    e.add_argument("--vocab-size", type=int, default=None,
+                   help="unpadded vocabulary size (default: the checkpoint's tokenizer's)")
+    i = sub.add_parser("import", help="Hugging Face directory -> checkpoint")
+    i.add_argument("--hf-dir", required=True)
+    i.add_argument("--save-dir", required=True)
+    i.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    i.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    i.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    args = p.parse_args(argv)
+    from megatron.checkpointing import CheckpointError
+    from megatron.hf_gpt2 import export_to_hf, import_from_hf
+    try:
+        if args.command == "export":
+            export_to_hf(args.load_dir, args.save_dir, vocab_size=args.vocab_size)
+        else:
+            import_from_hf(args.hf_dir, args.save_dir, args.target_tensor_parallel_size,
+                           args.target_pipeline_parallel_size, args.make_vocab_size_divisible_by)
+    except (CheckpointError, OSError, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
