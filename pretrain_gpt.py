@@ -63,6 +63,9 @@ def main(argv=None):
         sys.stdout.write(cfg.to_yaml())
         return 0
     from megatron.checkpointing import CheckpointError
+    from megatron.data.gpt_dataset import DataConfigError
+    from megatron.data.indexed_dataset import IndexedDatasetError
+    from megatron.data.preprocess import PreprocessError
     from megatron.training import TrainingError, pretrain
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
     try:
@@ -78,7 +81,8 @@ def main(argv=None):
                  functools.partial(datasets_provider, eod=tokenizer.eod),
                  functools.partial(forward_step, device=device),
                  tokenizer=tokenizer)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, DataConfigError,
+            IndexedDatasetError, PreprocessError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

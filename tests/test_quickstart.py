@@ -19,7 +19,8 @@ def test_quickstart_config_end_to_end(tmp_path):
     save = str(tmp_path / "ck")
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--config",
            os.path.join(ROOT, "configs", "gpt2_tiny.yaml"),
-           f"data.data_path=[{prefix}]", f"data.preprocess_input={small}", "model.num_layers=1", "model.hidden_size=32",
+           f"data.data_path=[{prefix}]", f"data.preprocess_input={small}",
+           "data.split=90,10,0", "model.num_layers=1", "model.hidden_size=32",
            "model.num_attention_heads=2", "model.seq_length=32", "training.micro_batch_size=2",
            "training.train_iters=3", "optimizer.lr_warmup_iters=1", "training.eval_iters=1", "training.sample_tokens=4",
            "logging.log_interval=1", f"checkpoint.save={save}", "logging.tensorboard_dir=null"]
