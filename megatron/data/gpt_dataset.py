@@ -87,8 +87,10 @@ class GPTDataset:
         if num_docs <= 0:
             raise DataConfigError(f"{name} split of {indexed.prefix} holds no documents "
                                   f"(range {self.doc_begin}..{self.doc_end})")
-        # When every document is one sequence (the common case), documents are read
-        # straight from the sequence arrays without touching the document index.
+        # When there are as many documents as sequences (one JSON line, one sequence: the
+        # common case), documents are read straight from the sequence arrays without paging
+        # in the document index. (A pathological index with an empty document and a
+        # two-sequence one would then be sampled per sequence: same tokens, other grouping.)
         self._one_sequence_per_document = indexed.num_documents() == len(indexed)
         prefix = os.path.realpath(indexed.prefix)
         self.description = {
