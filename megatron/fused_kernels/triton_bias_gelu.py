@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_COEFF = 0.044715
+# The kernels spell sqrt(2/pi) = 0.7978845608028654 and GPT-2's 0.044715 as
+# literals: plain module globals are not visible inside a jitted kernel.
 
 
 @triton.jit
