@@ -1,0 +1,175 @@
+"""Resharding (tools/checkpoint_convert.py): a checkpoint trained by the training loop at
+TP=2 x PP=2, converted to TP=1 x PP=1 and TP=4 x PP=1, gives the original loss on a fixed
+batch, and training resumes from it exactly as from the original (optimizer resharded).
+
+One 4-process launch; plus single-process checks of the split/merge rules.
+"""
+import os
+
+import pytest
+import torch
+
+from tests.dist_harness import run_distributed
+from tests.test_training import make_corpus, run_pretrain, tiny_overrides
+
+SEQ = 32
+
+
+def _overrides(prefix, tp, pp, **extra):
+    # 63 ordinary ids + EOD = the corpus's 64 ids; padding to 16 x TP gives 64 rows at
+    # TP 1, 2 and 4, so every layout's softmax runs over the same vocabulary.
+    return tiny_overrides(prefix, **{
+        "tokenizer.vocab_size": 63, "model.make_vocab_size_divisible_by": 16,
+        "model.num_layers": 4, "model.seq_length": SEQ,
+        "parallel.tensor_model_parallel_size": tp, "parallel.pipeline_model_parallel_size": pp,
+        "training.micro_batch_size": 2, "training.global_batch_size": 8,
+        "training.eval_iters": 0, "data.split": "100,0,0", "logging.log_interval": 100,
+        **extra})
+
+
+def _fixed_batch():
+    g = torch.Generator().manual_seed(99)
+    seq = torch.randint(0, 64, (8, SEQ + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _fixed_batch_loss(prefix, root, tp, pp):
+    """Mean loss of the fixed batch with the checkpoint under ``root`` at TP x PP (forward only)."""
+    import functools
+
+    import pretrain_gpt
+    from megatron import mpu
+    from megatron.checkpointing import load_checkpoint
+    from megatron.config import finalize, load_config
+    from megatron.model import GPTModel
+    from megatron.schedules import get_forward_backward_func
+    cfg = load_config(None, _overrides(prefix, tp, pp))
+    finalize(cfg, torch.distributed.get_world_size())
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(tp, pp)
+    model = GPTModel(cfg, 64, pre_process=mpu.is_pipeline_first_stage(),
+                     post_process=mpu.is_pipeline_last_stage())
+    load_checkpoint(cfg, [model], None, None, root=root, load_optimizer=False, load_rng=False)
+    model.eval()
+    tokens, labels = _fixed_batch()
+    # Every DP rank evaluates the whole batch: no gradient sync is involved.
+    micro = [{"tokens": tokens[i:i + 2], "labels": labels[i:i + 2],
+              "loss_mask": torch.ones(2, SEQ), "position_ids": torch.arange(SEQ).expand(2, SEQ)}
+             for i in range(0, 8, 2)]
+    dicts = get_forward_backward_func()(
+        functools.partial(pretrain_gpt.forward_step, device=torch.device("cpu")), iter(micro),
+        [model], len(micro), SEQ, 2, forward_only=True)
+    mpu.destroy_model_parallel()
+    if not dicts:
+        return None
+    return sum(float(d["lm loss"]) for d in dicts) / len(dicts)
+
+
+def _reset_layout():
+    from megatron import mpu
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+
+
+def _convert_runs(workdir):
+    from megatron.checkpoint_convert import convert_checkpoint
+    rank = torch.distributed.get_rank()
+    prefix = os.path.join(workdir, "corpus")
+    d = {k: os.path.join(workdir, k) for k in ("orig", "tp1", "tp4", "tp1_noopt")}
+    if rank == 0:
+        make_corpus(prefix)
+    torch.distributed.barrier()
+    run_pretrain(_overrides(prefix, 2, 2, **{"training.train_iters": 4,
+                                             "checkpoint.save": d["orig"]}))
+    _reset_layout()
+    # The reference continuation: the original checkpoint resumed at its own layout.
+    straight = run_pretrain(_overrides(prefix, 2, 2, **{"training.train_iters": 6,
+                                                        "checkpoint.load": d["orig"]}))
+    _reset_layout()
+    if rank == 0:
+        quiet = dict(log=lambda *_: None)
+        convert_checkpoint(d["orig"], d["tp1"], 1, 1, include_optimizer=True, **quiet)
+        convert_checkpoint(d["orig"], d["tp4"], 4, 1, include_optimizer=True, **quiet)
+        convert_checkpoint(d["orig"], d["tp1_noopt"], 1, 1, **quiet)
+    torch.distributed.barrier()
+    losses = {"orig": _fixed_batch_loss(prefix, d["orig"], 2, 2),
+              "tp1": _fixed_batch_loss(prefix, d["tp1"], 1, 1),
+              "tp4": _fixed_batch_loss(prefix, d["tp4"], 4, 1),
+              "tp1_noopt": _fixed_batch_loss(prefix, d["tp1_noopt"], 1, 1)}
+    resumed = {}
+    for name, tp in (("tp4", 4), ("tp1", 1)):
+        resumed[name] = run_pretrain(_overrides(prefix, tp, 1, **{
+            "training.train_iters": 6, "checkpoint.load": d[name]}))["train_losses"]
+        _reset_layout()
+    files = None
+    if rank == 0:
+        files = {k: sorted(os.listdir(os.path.join(d[k], "iter_0000004"))) for k in d}
+        f = torch.load(os.path.join(d["tp1_noopt"], "iter_0000004", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=True)
+        files["noopt_has_optimizer"] = "optimizer" in f
+        files["noopt_parallel"] = f["parallel"]
+    return {"straight": straight["train_losses"], "losses": losses, "resumed": resumed,
+            "files": files}
+
+
+def test_tp2pp2_to_tp1_and_tp4(tmp_path):
+    results = run_distributed(_convert_runs, 4, str(tmp_path), timeout=600)
+    files = results[0]["files"]
+    assert files["orig"] == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert files["tp1"] == ["mp_rank_00"]
+    assert files["tp4"] == [f"mp_rank_{i:02d}" for i in range(4)]
+    assert files["noopt_has_optimizer"] is False
+    assert files["noopt_parallel"]["tensor_model_parallel_size"] == 1
+    # the original loss comes from the last pipeline stage (ranks 2, 3 at TP=2 x PP=2)
+    orig = [r["losses"]["orig"] for r in results if r["losses"]["orig"] is not None]
+    assert len(orig) == 2 and orig[0] == orig[1]
+    for r in results:
+        for name in ("tp1", "tp4", "tp1_noopt"):
+            assert r["losses"][name] == pytest.approx(orig[0], rel=1e-5), name
+    # training resumes from the converted checkpoints as from the original
+    straight = next(r["straight"] for r in results if r["straight"])
+    assert sorted(straight) == [5, 6]
+    for r in results:
+        for name, losses in r["resumed"].items():
+            assert sorted(losses) == [5, 6], name
+            for it in (5, 6):
+                assert losses[it] == pytest.approx(straight[it], rel=1e-5), (name, it)
+
+
+def test_partition_rules_match_the_model():
+    """The name table of megatron.reshard agrees with the attributes the model's layers set."""
+    from megatron.config import Config
+    from megatron.model import GPTModel
+    from megatron.reshard import partition_dim
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 16, 2
+    cfg.model.seq_length = 8
+    model = GPTModel(cfg, 128)
+    for name, p in model.named_parameters():
+        expected = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        assert partition_dim(name) == expected, name
+
+
+def test_split_merge_round_trip_and_errors(tmp_path):
+    """QKV split per head, vocabulary re-padding, and one-line errors for impossible layouts."""
+    from megatron.checkpoint_convert import convert_checkpoint
+    from megatron.checkpointing import CheckpointError
+    from megatron.reshard import CheckpointShards, merge_model_state, split_tensor
+    from tests.test_generate import make_bpe_checkpoint
+    ref = make_bpe_checkpoint(str(tmp_path / "a"), steps=1, tp=2, pp=2)
+    full = merge_model_state(CheckpointShards(str(tmp_path / "a")))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(full[k], v), k
+    # a TP shard of the QKV weight holds whole heads: [np/tp, 3, hn] rows of the full one
+    qkv = full["layers.0.self_attention.query_key_value.weight"]
+    heads, hn = 4, 8
+    shard = split_tensor("layers.0.self_attention.query_key_value.weight", qkv, 2, 1)
+    assert torch.equal(shard.view(2, 3, hn, -1), qkv.view(heads, 3, hn, -1)[2:])
+    with pytest.raises(CheckpointError, match="num_attention_heads=4"):
+        convert_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"), 3, 1, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="num_layers=2"):
+        convert_checkpoint(str(tmp_path / "a"), str(tmp_path / "b"), 1, 4, log=lambda *_: None)
+    import tools.checkpoint_convert as cli
+    assert cli.main(["--load-dir", str(tmp_path / "none"), "--save-dir", str(tmp_path / "c"),
+                     "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1"]) == 1
