@@ -1,6 +1,7 @@
 """Resharding (tools/checkpoint_convert.py): a checkpoint trained by the training loop at
 TP=2 x PP=2, converted to TP=1 x PP=1 and TP=4 x PP=1, gives the original loss on a fixed
-batch, and training resumes from it exactly as from the original (optimizer resharded).
+batch, and training resumes from it exactly as from the original (optimizer resharded);
+generation from it at TP=4 equals TP=1, with and without the key-value cache.
 
 One 4-process launch; plus single-process checks of the split/merge rules.
 """
@@ -102,6 +103,14 @@ def _convert_runs(workdir):
         resumed[name] = run_pretrain(_overrides(prefix, tp, 1, **{
             "training.train_iters": 6, "checkpoint.load": d[name]}))["train_losses"]
         _reset_layout()
+    # Generation from the TP=2 x PP=2 checkpoint at TP=1 and at TP=4 (merged and re-split
+    # in memory), with and without the key-value cache.
+    from megatron import mpu
+    from megatron.inference.loader import load_inference_model
+    generations = {"tp1": _generations(load_inference_model(d["orig"], device=torch.device("cpu")))}
+    mpu.initialize_model_parallel(4, 1)
+    generations["tp4"] = _generations(load_inference_model(d["orig"], device=torch.device("cpu")))
+    _reset_layout()
     files = None
     if rank == 0:
         files = {k: sorted(os.listdir(os.path.join(d[k], "iter_0000004"))) for k in d}
@@ -110,7 +119,17 @@ def _convert_runs(workdir):
         files["noopt_has_optimizer"] = "optimizer" in f
         files["noopt_parallel"] = f["parallel"]
     return {"straight": straight["train_losses"], "losses": losses, "resumed": resumed,
-            "files": files}
+            "files": files, "generations": generations}
+
+
+def _generations(im):
+    from megatron.inference.generation import generate_tokens
+    out = {}
+    for name, kw in {"greedy": dict(greedy=True),
+                     "sample": dict(temperature=1.2, top_k=20, top_p=0.9, seed=5)}.items():
+        out[name] = [generate_tokens(im, [1, 2, 3, 4, 5], 20, use_cache=cache, stop_at_eod=False,
+                                     return_logprobs=True, **kw) for cache in (True, False)]
+    return out
 
 
 def test_tp2pp2_to_tp1_and_tp4(tmp_path):
@@ -135,6 +154,14 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
             assert sorted(losses) == [5, 6], name
             for it in (5, 6):
                 assert losses[it] == pytest.approx(straight[it], rel=1e-5), (name, it)
+    # generation at TP=4 equals TP=1, cached equals uncached, token for token
+    for r in results:
+        for name, ref in r["generations"]["tp1"].items():
+            ref_tokens, ref_lp = ref[0]
+            assert len(ref_tokens) == 25
+            for tokens, lp in ref + r["generations"]["tp4"][name]:
+                assert tokens == ref_tokens, name
+                assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-4, name
 
 
 def test_partition_rules_match_the_model():
