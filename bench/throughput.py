@@ -102,9 +102,7 @@ class FrameworkRunner:
 
     def step(self):
         from megatron.mpu.distributed import finalize_model_grads
-        for c in self.chunks:
-            c.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad()  # zeroes the chunks' DDP grad buffers too
         losses = self.forward_backward(forward_step, self.data, self.chunks, self.num_micro,
                                        self.cfg.model.seq_length, self.cfg.training.micro_batch_size,
                                        forward_only=False, grad_scale_func=self.optimizer.scale_loss)

@@ -84,7 +84,7 @@ class TrainingConfig:
     seed: int = _f(1234, "Random seed of python, numpy, torch and the model-parallel RNG.")
     precision: str = _f("fp32", "Parameter and compute dtype: fp32, fp16 or bf16.")
     recompute: str = _f("none", "Activation recomputation: none, full or selective.")
-    compile: bool = _f(False, "Wrap each model chunk in torch.compile.")
+    compile: bool = _f(False, "Compile each transformer layer with torch.compile.")
     eval_interval: int = _f(1000, "Validate every this many iterations (and at the end).")
     eval_iters: int = _f(10, "Micro-batch groups (global batches) per validation.")
     exit_interval: Optional[int] = _f(
@@ -352,6 +352,14 @@ def finalize(cfg, world_size=1):
         raise ConfigError(f"training.global_batch_size={t.global_batch_size} is not divisible by "
                           f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
                           f"= {t.micro_batch_size * dp} (world size {world_size}, TP {tp}, PP {pp})")
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if vp > 1 and num_micro % pp:
+        # The interleaved schedule runs the micro batches in groups of PP per model chunk.
+        raise ConfigError(f"the interleaved schedule (parallel.virtual_pipeline_model_parallel_size"
+                          f"={vp}) needs the micro batches per step, global_batch_size / "
+                          f"(micro_batch_size x data-parallel size) = {t.global_batch_size} / "
+                          f"({t.micro_batch_size} x {dp}) = {num_micro}, to be a multiple of "
+                          f"parallel.pipeline_model_parallel_size={pp}")
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
     if m.seq_length > m.max_position_embeddings:

@@ -54,9 +54,9 @@ def build_model(cfg, model_provider, device):
             mpu.set_virtual_pipeline_model_parallel_rank(i)
         model = model_provider(pre_process=mpu.is_pipeline_first_stage(),
                                post_process=mpu.is_pipeline_last_stage())
+        # training.compile is applied inside GPTModel (each transformer layer is
+        # compiled there); compiling the whole chunk again would trace it twice.
         model = model.to(device=device, dtype=DTYPES[cfg.training.precision])
-        if cfg.training.compile:
-            model = torch.compile(model)
         chunks.append(DistributedDataParallel(
             model, accumulate_allreduce_grads_in_fp32=cfg.parallel.accumulate_allreduce_grads_in_fp32,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer))
@@ -187,8 +187,7 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
                  f"micro batch {t.micro_batch_size}, {num_micro} micro batches per step, "
                  f"data-parallel size {mpu.get_data_parallel_world_size()}")
     while iteration < t.train_iters:
-        for c in model_chunks:
-            c.zero_grad_buffer()
+        # Also zeroes every chunk's DDP grad buffer (MegatronOptimizer.zero_grad).
         optimizer.zero_grad()
         loss_dicts = forward_backward(forward_step_func, train_iter, model_chunks, num_micro,
                                       cfg.model.seq_length, t.micro_batch_size,

@@ -65,6 +65,11 @@ def test_wrong_type(override, needles):
     (["model.num_layers=8", "parallel.pipeline_model_parallel_size=2",
       "parallel.virtual_pipeline_model_parallel_size=3"], 2, ["8", "2 x 3"]),
     (["training.micro_batch_size=4", "training.global_batch_size=12"], 2, ["12", "4 x 2"]),
+    # interleaved schedule: 24 / (2 x 2) = 6 micro batches, not a multiple of PP=4
+    (["model.num_layers=8", "parallel.pipeline_model_parallel_size=4",
+      "parallel.virtual_pipeline_model_parallel_size=2", "training.micro_batch_size=2",
+      "training.global_batch_size=24"], 8,
+     ["24 / (2 x 2) = 6", "pipeline_model_parallel_size=4", "virtual_pipeline_model_parallel_size=2"]),
     (["parallel.tensor_model_parallel_size=4"], 6, ["world size 6", "4"]),
     (["model.seq_length=2048", "model.max_position_embeddings=1024"], 1, ["2048", "1024"]),
     (["training.precision=fp8"], 1, ["fp8", "fp16"]),
@@ -84,6 +89,17 @@ def test_sequence_parallel_without_tp_is_noop_and_samples_set_iters():
     assert cfg.parallel.sequence_parallel is False
     cfg = load_config(None, ["training.train_samples=100", "training.micro_batch_size=8"], world_size=2)
     assert cfg.training.global_batch_size == 16 and cfg.training.train_iters == 7
+
+
+def test_interleaved_schedule_accepts_micro_batches_multiple_of_pp():
+    cfg = _cfg(["model.num_layers=8", "parallel.pipeline_model_parallel_size=4",
+                "parallel.virtual_pipeline_model_parallel_size=2", "training.micro_batch_size=2",
+                "training.global_batch_size=32"], world_size=8)
+    assert cfg.num_microbatches(8) == 8
+    # without interleaving any number of micro batches is fine
+    cfg = _cfg(["model.num_layers=8", "parallel.pipeline_model_parallel_size=4",
+                "training.micro_batch_size=2", "training.global_batch_size=24"], world_size=8)
+    assert cfg.num_microbatches(8) == 6
 
 
 def test_shipped_configs_are_valid():
