@@ -229,3 +229,66 @@ def test_compile_keeps_names_and_loss():
     loss_c.mean().backward()
     for (name, p), pc in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(pc.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _padded_loss_and_grads(padded, vocab_size, true_vocab=1030):
+    model = GPTModel(tiny_cfg(), padded, vocab_size=vocab_size)
+    ids, pos, labels = batch(true_vocab)
+    labels[0, :4] = true_vocab - 1  # the last real id is a target too
+    loss = model(ids, pos, labels=labels)
+    loss.mean().backward()
+    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_padded_vocabulary_is_masked_so_padding_changes_nothing():
+    """Vocabulary 1030 padded to 1152 (TP=1) or 1536 (TP=4 with divisible_by 128): the real
+    rows start equal, and with the mask the loss and every real gradient are identical."""
+    true_vocab = 1030
+    small, loss_small, g_small = _padded_loss_and_grads(1152, true_vocab)
+    large, loss_large, g_large = _padded_loss_and_grads(1536, true_vocab)
+    w = "embedding.word_embeddings.weight"
+    # normal_ of the larger master weight draws the same prefix: real rows start equal.
+    assert torch.equal(small.state_dict()[w][:true_vocab], large.state_dict()[w][:true_vocab])
+    torch.testing.assert_close(loss_large, loss_small, rtol=1e-6, atol=0)
+    for name, g in g_small.items():
+        if name == w:
+            torch.testing.assert_close(g_large[w][:true_vocab], g[:true_vocab], rtol=1e-5, atol=1e-8)
+            # padding rows take no part in the softmax, so they get no gradient
+            assert not g[true_vocab:].any() and not g_large[w][true_vocab:].any()
+        else:
+            torch.testing.assert_close(g_large[name], g, rtol=1e-5, atol=1e-8, msg=name)
+    # The returned logits: -inf exactly on the padding ids, and the loss is their cross entropy.
+    ids, pos, labels = batch(true_vocab)
+    with torch.no_grad():
+        logits = large(ids, pos)
+    assert torch.isneginf(logits[..., true_vocab:]).all() and torch.isfinite(logits[..., :true_vocab]).all()
+    # Without the mask the padded size leaks into the loss (what the mask fixes).
+    _, unmasked_small, _ = _padded_loss_and_grads(1152, None)
+    _, unmasked_large, _ = _padded_loss_and_grads(1536, None)
+    assert not torch.allclose(unmasked_small, unmasked_large, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="vocab_size=1200 must be in"):
+        GPTModel(tiny_cfg(), 1152, vocab_size=1200)
+
+
+def test_sampling_never_returns_a_padded_id():
+    """Padding rows made to dominate the logits are still never sampled or picked greedily."""
+    from megatron.inference.sampling import sample_next
+    true_vocab, padded = 200, 256
+    model = GPTModel(tiny_cfg(), padded, vocab_size=true_vocab).eval()
+    unmasked = GPTModel(tiny_cfg(), padded).eval()
+    with torch.no_grad():
+        w = model.word_embeddings_weight()
+        # Padding rows = 1000 x real rows: huge logits of both signs if they were not masked.
+        w[true_vocab:] = 1000.0 * w[:padded - true_vocab]
+        unmasked.word_embeddings_weight().copy_(w)
+        ids, pos, _ = batch(true_vocab)
+        logits, raw = model(ids, pos)[0], unmasked(ids, pos)[0]
+    assert (raw.argmax(-1) >= true_vocab).all()  # without the mask padding would win
+    torch.testing.assert_close(logits[:, :true_vocab], raw[:, :true_vocab], rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    picked = set()
+    for last in logits:
+        picked.add(sample_next(last, greedy=True))
+        for temperature, top_k, top_p in ((1.0, 0, 0.0), (50.0, 0, 0.0), (5.0, 100, 0.99)):
+            picked |= {sample_next(last, False, temperature, top_k, top_p, gen) for _ in range(20)}
+    assert max(picked) < true_vocab and len(picked) > 20

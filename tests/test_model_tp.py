@@ -2,7 +2,8 @@
 
 One launch of 4 gloo ranks runs every layout in turn (TP=2 x DP=2, TP=2 with
 sequence parallelism, TP=4, TP=2 x PP=2 with virtual stages), each compared
-on every rank with a TP=1 model built in the same process.
+on every rank with a TP=1 model built in the same process; also a vocabulary
+whose padding differs with TP (masked padding logits: the same loss anyway).
 """
 import torch
 import torch.distributed as dist
@@ -16,6 +17,9 @@ VOCAB = 1000          # real tokens: ids and labels stay below this
 PADDED_VOCAB = 1024   # padded to a multiple of 128 x 4, the same for every TP here
 LR = 0.5              # large steps, so that a wrong gradient shows in later losses
 STEPS = 3
+# A true vocabulary whose padding (multiple of 128 x TP) differs with TP.
+ODD_VOCAB = 1030
+ODD_PADDED = {1: 1152, 2: 1280, 4: 1536}
 
 
 def _tp_group():
@@ -39,9 +43,9 @@ def _sync_sequence_parallel_grads(model):
             dist.all_reduce(p.grad, group=_tp_group())
 
 
-def _train(cfg):
+def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None):
     """Losses of STEPS plain SGD steps and the full gradients of the first step."""
-    model = GPTModel(cfg, PADDED_VOCAB)
+    model = GPTModel(cfg, padded_vocab, vocab_size=vocab_size)
     losses, first_grads = [], None
     for step in range(STEPS):
         ids, pos, labels = batch(VOCAB, seed=step)
@@ -51,7 +55,7 @@ def _train(cfg):
         if first_grads is None:
             first_grads = {n: _gather_full(p, p.grad) for n, p in model.named_parameters()}
             logits = model(ids, pos)
-            assert logits.shape == (2, 16, PADDED_VOCAB // mpu.get_tensor_model_parallel_world_size())
+            assert logits.shape == (2, 16, padded_vocab // mpu.get_tensor_model_parallel_world_size())
         losses.append(loss.detach())
         with torch.no_grad():
             for p in model.parameters():
@@ -84,7 +88,35 @@ def _check_equivalence():
         report[name] = [l.mean().item() for l in losses]
         mpu.destroy_model_parallel()
     report["TP=1"] = [l.mean().item() for l in ref_losses]
+    report["padding"] = _check_padding_independence()
     return report
+
+
+def _check_padding_independence():
+    """Vocabulary 1030 padded to 1152 / 1280 / 1536 at TP=1 / 2 / 4: with the padding
+    logits masked, the losses and the real rows' gradients equal TP=1's; padding rows
+    get no gradient."""
+    w = "embedding.word_embeddings.weight"
+    ref_losses, ref_grads = _train(tiny_cfg(), ODD_PADDED[1], ODD_VOCAB)
+    checked = []
+    for tp in (2, 4):
+        mpu.initialize_model_parallel(tp)
+        mpu.model_parallel_seed(1234)
+        cfg = tiny_cfg(parallel__tensor_model_parallel_size=tp)
+        losses, grads = _train(cfg, ODD_PADDED[tp], ODD_VOCAB)
+        name = f"TP={tp} padded to {ODD_PADDED[tp]}"
+        for step, (l, r) in enumerate(zip(losses, ref_losses)):
+            _assert_close(l, r, f"{name} loss at step {step}")
+        for n, g in grads.items():
+            if n == w:
+                assert not g[ODD_VOCAB:].any(), f"{name}: padding rows got a gradient"
+                g, want = g[:ODD_VOCAB], ref_grads[n][:ODD_VOCAB]
+            else:
+                want = ref_grads[n]
+            _assert_close(g, want, f"{name} grad of {n}")
+        checked.append(tp)
+        mpu.destroy_model_parallel()
+    return checked
 
 
 def _hook_outputs(modules):
@@ -239,7 +271,8 @@ def test_model_tensor_and_pipeline_parallel_equivalence():
     results = run_distributed(_all_checks, 4)
     for rank, r in enumerate(results):
         eq = r["equivalence"]
-        assert set(eq) == {"TP=1", "TP=2", "TP=2 SP", "TP=4"}
+        assert set(eq) == {"TP=1", "TP=2", "TP=2 SP", "TP=4", "padding"}
+        assert eq["padding"] == [2, 4]
         assert len(set(round(x, 3) for x in eq["TP=1"])) == STEPS  # the steps did train
         d = r["dropout"]
         assert all(d["replicated_equal"].values()), (rank, d)

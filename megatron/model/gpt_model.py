@@ -54,15 +54,30 @@ class GPTModel(torch.nn.Module):
     the per-token loss [b, s] (fp32) when ``labels`` is given, else the
     vocab-parallel logits [b, s, V/TP]; on other stages, hidden states
     [s, b, h] ([s/tp, b, h] with sequence parallelism).
+
+    ``vocab_size`` is the true (tokenizer's) vocabulary size, ``padded_vocab_size``
+    the number of embedding rows (a multiple of make_vocab_size_divisible_by x TP,
+    so it depends on TP). The logits of the padding ids [vocab_size,
+    padded_vocab_size) are set to -inf on every TP rank's shard before the loss
+    and in the returned logits, so the softmax, the loss, every real gradient and
+    any sampling are the same whatever the padding. ``vocab_size`` None means
+    there is no padding to mask (== ``padded_vocab_size``).
     """
 
-    def __init__(self, cfg, padded_vocab_size, pre_process=True, post_process=True):
+    def __init__(self, cfg, padded_vocab_size, pre_process=True, post_process=True,
+                 vocab_size=None):
         super().__init__()
         ps = mpu.parallel_state
         tp = ps.get_tensor_model_parallel_world_size()
         check_model_layout(cfg, padded_vocab_size, tp)
+        if vocab_size is None:
+            vocab_size = padded_vocab_size
+        if not 0 < vocab_size <= padded_vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, padded_vocab_size="
+                             f"{padded_vocab_size}]")
         self.cfg = cfg
         self.padded_vocab_size = padded_vocab_size
+        self.vocab_size = int(vocab_size)
         self.pre_process = pre_process
         self.post_process = post_process
         self.sequence_parallel = bool(cfg.parallel.sequence_parallel) and tp > 1
@@ -155,8 +170,31 @@ class GPTModel(torch.nn.Module):
         else:
             hidden_states = mpu.copy_to_tensor_model_parallel_region(hidden_states)
         logits = F.linear(hidden_states, self.word_embeddings_weight())  # [s, b, V/tp]
+        logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         # The cross entropy upcasts to fp32 itself, without a second copy of the logits.
         loss = mpu.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()
+
+    def _mask_padded_vocab(self, logits):
+        """Set this rank's logits of padding ids (>= vocab_size) to -inf, in place.
+
+        Rank r holds the ids [r * V/TP, (r + 1) * V/TP); only the tail of the
+        vocabulary is padding, so the masked columns are a (possibly empty, possibly
+        whole-shard) suffix of the shard. -inf is exact in every dtype and the
+        vocab-parallel cross entropy handles it (exp gives 0 after the all-reduced,
+        finite max; the target logit is never a padding id); the mask's backward
+        gives the padding rows a zero gradient.
+        """
+        if self.vocab_size == self.padded_vocab_size:
+            return logits
+        per_rank = logits.size(-1)
+        start = mpu.get_tensor_model_parallel_rank() * per_rank
+        first_padded = max(self.vocab_size - start, 0)
+        if first_padded >= per_rank:
+            return logits
+        # In place: the matmul's backward does not need its output, so no copy of
+        # the logits is kept (autograd records the fill).
+        logits[..., first_padded:] = float("-inf")
+        return logits
