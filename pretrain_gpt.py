@@ -9,10 +9,25 @@ import os
 import sys
 
 
-def model_provider(cfg, padded_vocab, pre_process=True, post_process=True):
-    """GPTModel for one pipeline chunk."""
+def model_provider(cfg, padded_vocab, pre_process=True, post_process=True, vocab_size=None):
+    """GPTModel for one pipeline chunk.
+
+    ``vocab_size`` is the tokenizer's (unpadded) vocabulary size, whose padding
+    logits the model masks; None builds the tokenizer of ``cfg.tokenizer`` to
+    learn it, so that the loss never depends on the TP-dependent padding (if it
+    cannot be built, nothing is masked and a warning says so).
+    """
     from megatron.model import GPTModel
-    return GPTModel(cfg, padded_vocab, pre_process=pre_process, post_process=post_process)
+    if vocab_size is None:
+        from megatron.tokenizer import build_tokenizer
+        try:
+            vocab_size = build_tokenizer(cfg.tokenizer).vocab_size
+        except (ValueError, OSError) as e:
+            import warnings
+            warnings.warn(f"cannot build the tokenizer to learn the true vocabulary size ({e}); "
+                          f"the {padded_vocab} padded logits are not masked")
+    return GPTModel(cfg, padded_vocab, pre_process=pre_process, post_process=post_process,
+                    vocab_size=vocab_size)
 
 
 def datasets_provider(cfg, train_valid_test_num_samples, eod):
@@ -77,7 +92,7 @@ def main(argv=None):
     device = _device_for(cfg)
     try:
         pretrain(cfg,
-                 functools.partial(model_provider, cfg, padded),
+                 functools.partial(model_provider, cfg, padded, vocab_size=tokenizer.vocab_size),
                  functools.partial(datasets_provider, eod=tokenizer.eod),
                  functools.partial(forward_step, device=device),
                  tokenizer=tokenizer)

@@ -70,7 +70,8 @@ def measure(args, tp):
     for sp in ((False, True) if tp > 1 else (False,)):
         for recompute in RECOMPUTE:
             mpu.model_parallel_seed(1234)
-            model = GPTModel(build_cfg(args, tp, sp, recompute), args.vocab)
+            # Random ids cover the whole (already aligned) vocabulary: nothing to mask.
+            model = GPTModel(build_cfg(args, tp, sp, recompute), args.vocab, vocab_size=args.vocab)
             sharded = sum(p.numel() * p.element_size() for p in model.parameters()
                           if p.tensor_model_parallel)
             replicated = sum(p.numel() * p.element_size() for p in model.parameters()

@@ -10,8 +10,9 @@ the pipeline stages. Splitting is the reverse. Two details:
 * The word embedding is padded to a multiple of ``make_vocab_size_divisible_by``
   x TP. Merged states keep the source padding; ``resize_vocab`` adds zero rows
   or drops padding rows (never rows of real tokens) for another layout. The
-  loss is unchanged when the padded sizes agree; otherwise the padding rows'
-  softmax mass changes slightly (Megatron's converters re-pad the same way).
+  loss is unchanged even when the padded sizes differ: the model masks the
+  logits of the padding ids (GPTModel's ``vocab_size``), so padding rows take
+  no part in the softmax and their values do not matter.
 
 The same rules apply to the Adam moments and fp32 master weights, which follow
 their parameters.

@@ -1,7 +1,8 @@
 """Resharding (tools/checkpoint_convert.py): a checkpoint trained by the training loop at
-TP=2 x PP=2, converted to TP=1 x PP=1 and TP=4 x PP=1, gives the original loss on a fixed
-batch, and training resumes from it exactly as from the original (optimizer resharded);
-generation from it at TP=4 equals TP=1, with and without the key-value cache.
+TP=2 x PP=2, converted to TP=1 x PP=1 and TP=4 x PP=1 (each padding the vocabulary to a
+different size), gives the original loss on a fixed batch, and training resumes from it
+exactly as from the original (optimizer resharded); generation from it at TP=4 equals
+TP=1, with and without the key-value cache.
 
 One 4-process launch; plus single-process checks of the split/merge rules.
 """
@@ -16,11 +17,21 @@ from tests.test_training import make_corpus, run_pretrain, tiny_overrides
 SEQ = 32
 
 
+VOCAB = 64  # 63 ordinary ids + EOD = the corpus's 64 ids
+DIVISIBLE_BY = 15
+
+
+def _padded(tp):
+    # 64 ids padded to a multiple of 15 x TP: 75 rows at TP=1, 90 at TP=2, 120 at TP=4.
+    # Every layout pads differently; the model masks the padding logits, so the
+    # loss must not change across conversions anyway.
+    from megatron.tokenizer import padded_vocab_size
+    return padded_vocab_size(VOCAB, DIVISIBLE_BY, tp)
+
+
 def _overrides(prefix, tp, pp, **extra):
-    # 63 ordinary ids + EOD = the corpus's 64 ids; padding to 16 x TP gives 64 rows at
-    # TP 1, 2 and 4, so every layout's softmax runs over the same vocabulary.
     return tiny_overrides(prefix, **{
-        "tokenizer.vocab_size": 63, "model.make_vocab_size_divisible_by": 16,
+        "tokenizer.vocab_size": VOCAB - 1, "model.make_vocab_size_divisible_by": DIVISIBLE_BY,
         "model.num_layers": 4, "model.seq_length": SEQ,
         "parallel.tensor_model_parallel_size": tp, "parallel.pipeline_model_parallel_size": pp,
         "training.micro_batch_size": 2, "training.global_batch_size": 8,
@@ -49,8 +60,8 @@ def _fixed_batch_loss(prefix, root, tp, pp):
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(tp, pp)
-    model = GPTModel(cfg, 64, pre_process=mpu.is_pipeline_first_stage(),
-                     post_process=mpu.is_pipeline_last_stage())
+    model = GPTModel(cfg, _padded(tp), pre_process=mpu.is_pipeline_first_stage(),
+                     post_process=mpu.is_pipeline_last_stage(), vocab_size=VOCAB)
     load_checkpoint(cfg, [model], None, None, root=root, load_optimizer=False, load_rng=False)
     model.eval()
     tokens, labels = _fixed_batch()
@@ -114,12 +125,19 @@ def _convert_runs(workdir):
     files = None
     if rank == 0:
         files = {k: sorted(os.listdir(os.path.join(d[k], "iter_0000004"))) for k in d}
+        files["rows"] = {k: _embedding_rows(d[k]) for k in ("orig", "tp1", "tp4")}
         f = torch.load(os.path.join(d["tp1_noopt"], "iter_0000004", "mp_rank_00", "model_optim_rng.pt"),
                        weights_only=True)
         files["noopt_has_optimizer"] = "optimizer" in f
         files["noopt_parallel"] = f["parallel"]
     return {"straight": straight["train_losses"], "losses": losses, "resumed": resumed,
             "files": files, "generations": generations}
+
+
+def _embedding_rows(root):
+    """The checkpoint's (merged) word-embedding rows: its padded vocabulary size."""
+    from megatron.reshard import WORD_EMBEDDINGS, CheckpointShards, merge_model_state
+    return merge_model_state(CheckpointShards(root))[WORD_EMBEDDINGS].shape[0]
 
 
 def _generations(im):
@@ -140,6 +158,9 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
     assert files["tp4"] == [f"mp_rank_{i:02d}" for i in range(4)]
     assert files["noopt_has_optimizer"] is False
     assert files["noopt_parallel"]["tensor_model_parallel_size"] == 1
+    # the layouts' padded vocabularies differ (the losses below agree all the same)
+    assert files["rows"] == {"orig": _padded(2), "tp1": _padded(1), "tp4": _padded(4)} \
+        == {"orig": 90, "tp1": 75, "tp4": 120}
     # the original loss comes from the last pipeline stage (ranks 2, 3 at TP=2 x PP=2)
     orig = [r["losses"]["orig"] for r in results if r["losses"]["orig"] is not None]
     assert len(orig) == 2 and orig[0] == orig[1]

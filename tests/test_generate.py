@@ -53,7 +53,7 @@ def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1):
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
     cfg = tiny_bpe_config(seed)
     tok = build_tokenizer(cfg.tokenizer)
-    model = GPTModel(cfg, padded_vocab_size(tok.vocab_size, 128, 1))
+    model = GPTModel(cfg, padded_vocab_size(tok.vocab_size, 128, 1), vocab_size=tok.vocab_size)
     ids = torch.tensor(tok.tokenize(corpus_text()))
     seq = cfg.model.seq_length
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -102,9 +102,11 @@ def load_inference_model(load_dir, device=None, dtype=None, iteration=None, toke
     p.virtual_pipeline_model_parallel_size = None
     p.sequence_parallel = False  # one new token at a time cannot be split over ranks
     cfg.training.recompute, cfg.training.compile = "none", False
-    # Build on the meta device: the weights come from the checkpoint anyway.
+    # Build on the meta device: the weights come from the checkpoint anyway. The
+    # model masks the padding logits (the padding depends on TP), so the gathered
+    # logits and anything sampled from them only ever cover real ids.
     with torch.device("meta"):
-        model = GPTModel(cfg, rows)
+        model = GPTModel(cfg, rows, vocab_size=tokenizer.vocab_size)
     state = {n: split_tensor(n, t, tp, tp_rank) for n, t in full.items()}
     missing = [n for n in model.state_dict() if n not in state]
     if missing:
