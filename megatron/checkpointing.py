@@ -262,12 +262,80 @@ def _load_model_state(path, chunk, state):
     model.load_state_dict(state)
 
 
+def _shard_files(rank_dir):
+    """The distributed optimizer's per-DP-rank files in `rank_dir`, by DP rank."""
+    files = {}
+    for name in os.listdir(rank_dir):
+        if name.startswith("distrib_optim_dp_") and name.endswith(".pt"):
+            num = name[len("distrib_optim_dp_"):-len(".pt")]
+            if num.isdigit():
+                files[int(num)] = os.path.join(rank_dir, name)
+    return files
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_optimizer_state(path, rank_dir, saved, optimizer):
+    """Load the checkpoint's optimizer state into `optimizer`; False when it holds none.
+
+    A distributed optimizer takes its own shard at the same DP size, or the
+    list of every old DP rank's shard to re-shard at another DP size.
+    """
+    from megatron import mpu
+    sharded = bool(getattr(optimizer, "is_sharded", False))
+    shards = _shard_files(rank_dir)
+    saved_dp = saved.get("parallel", {}).get("data_parallel_size")
+    if shards:
+        writer = (f"the distributed optimizer (parallel.distributed_optimizer=true, "
+                  f"{len(shards)} distrib_optim_dp_*.pt shards, data-parallel size {saved_dp})")
+    else:
+        writer = "the plain optimizer (parallel.distributed_optimizer=false)"
+    if not shards and "optimizer" not in saved:
+        return False
+    if sharded != bool(shards):
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state written by {writer} but this run has "
+            f"parallel.distributed_optimizer={str(sharded).lower()}: resume with "
+            f"parallel.distributed_optimizer={str(not sharded).lower()}, or convert the checkpoint "
+            f"with tools/checkpoint_convert.py without --include-optimizer to start a fresh optimizer")
+    if not sharded:
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # e.g. fp32 masters that do not match this model
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+        return True
+    if sorted(shards) != list(range(saved_dp or 0)):
+        raise CheckpointError(f"checkpoint {rank_dir} is incomplete: it was saved at data-parallel "
+                              f"size {saved_dp} but holds distributed-optimizer shards of DP ranks "
+                              f"{sorted(shards)}")
+    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    try:
+        if saved_dp == dp:  # exact resume: this rank's own shard
+            optimizer.load_state_dict(_torch_load(shards[dp_rank]))
+        else:
+            print_rank_0(f"re-sharding the distributed optimizer state of {rank_dir} from "
+                         f"data-parallel size {saved_dp} to {dp}")
+            optimizer.load_state_dict([_torch_load(shards[r]) for r in range(saved_dp)])
+    except ValueError as e:  # the optimizer's one-line mismatch messages
+        raise CheckpointError(f"checkpoint {rank_dir}: {e}") from None
+    return True
+
+
 def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_optimizer=True,
                     load_rng=True):
     """Resume from the latest checkpoint under `root` (default `cfg.checkpoint.load`).
 
     Returns (iteration, consumed_samples), (0, 0) when there is nothing to load.
-    Raises CheckpointError when the checkpoint does not fit the model or layout.
+    A checkpoint without optimizer state (or `load_optimizer=False`) resumes with
+    a fresh optimizer built from the loaded weights; the scheduler, iteration
+    and data position are restored either way. A distributed optimizer's state
+    saved at another data-parallel size is re-sharded. Raises CheckpointError
+    when the checkpoint does not fit the model, layout or optimizer kind.
     """
     from megatron import mpu
     root = root or cfg.checkpoint.load
@@ -288,33 +356,25 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
             f"checkpoint file {path} is missing (this rank's layout is TP="
             f"{mpu.get_tensor_model_parallel_world_size()}, PP={mpu.get_pipeline_model_parallel_world_size()}; "
             f"the checkpoint holds {present or 'nothing'})")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    saved = _torch_load(path)
     _check_layout(path, saved, cfg, model_chunks)
     if len(model_chunks) == 1:
         _load_model_state(path, model_chunks[0], saved["model"])
     else:
         for i, chunk in enumerate(model_chunks):
             _load_model_state(path, chunk, saved[f"model{i}"])
-    if load_optimizer and optimizer is not None:
-        if getattr(optimizer, "is_sharded", False):
-            dp_rank = mpu.get_data_parallel_rank()
-            opt_path = os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt")
-            saved_dp = saved.get("parallel", {}).get("data_parallel_size")
-            if not os.path.isfile(opt_path) or saved_dp != mpu.get_data_parallel_world_size():
-                raise CheckpointError(
-                    f"sharded optimizer state {opt_path} does not fit: checkpoint data-parallel size "
-                    f"{saved_dp}, this run {mpu.get_data_parallel_world_size()}")
-            optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
-        elif "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
-        else:
-            raise CheckpointError(f"checkpoint {path} has no optimizer state (it was saved with a "
-                                  f"sharded optimizer?); set parallel.distributed_optimizer to match")
-        if scheduler is not None and saved.get("opt_param_scheduler") is not None:
-            scheduler.load_state_dict(saved["opt_param_scheduler"])
+    if optimizer is not None:
+        loaded = load_optimizer and _load_optimizer_state(path, rank_dir, saved, optimizer)
+        if not loaded:
+            # The fp32 masters (and the distributed optimizer's shards of them)
+            # were copied from the model at construction, before the weights
+            # above were loaded: refresh them or the first step would undo the load.
+            optimizer.reload_model_params()
+            print_rank_0(f"checkpoint {path}: "
+                         f"{'no optimizer state in it' if load_optimizer else 'optimizer state not loaded'}"
+                         f"; starting a fresh optimizer from the loaded weights")
+    if scheduler is not None and saved.get("opt_param_scheduler") is not None:
+        scheduler.load_state_dict(saved["opt_param_scheduler"])
     if load_rng:
         states = saved["rng_state"]
         dp_rank = mpu.get_data_parallel_rank()

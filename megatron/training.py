@@ -169,7 +169,7 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
     train_iter = _iterators(train_factory, len(model_chunks))
     if rng_state is not None:
         checkpointing.set_rng_state(rng_state)
-    history = {"train_losses": {}, "valid_losses": {}, "exit_reason": None}
+    history = {"train_losses": {}, "grad_norms": {}, "valid_losses": {}, "exit_reason": None}
 
     for c in model_chunks:
         c.train()
@@ -201,6 +201,8 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
             window["skipped"] += 1
         iteration += 1
         consumed_samples += gbs
+        # Every rank has the global norm (None when clipping is off).
+        history["grad_norms"][iteration] = None if grad_norm is None else float(grad_norm)
 
         # The loss is only known on the last pipeline stage; averaged over DP there.
         loss = float("nan")
@@ -310,7 +312,9 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
     `datasets_provider(cfg, train_valid_test_num_samples) -> (train, valid, test)`.
     `tokenizer` (optional) is used for the text sample after training.
     Returns a dict with `iteration`, `consumed_samples`, `train_losses` and
-    `valid_losses` (iteration -> loss, on the last pipeline stage), `exit_reason`.
+    `valid_losses` (iteration -> loss, on the last pipeline stage), `grad_norms`
+    (iteration -> global grad norm before clipping, every rank; None when
+    clipping is off), `exit_reason`.
     """
     from megatron import mpu
     from megatron.optimizer import get_megatron_optimizer

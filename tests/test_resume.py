@@ -77,3 +77,101 @@ def test_exact_resume(tmp_path, world):
         mismatch = results[0]["mismatch"]
         assert mismatch is not None and "64" in mismatch and "32" in mismatch, mismatch
     assert results[0]["same_params"] is True
+
+
+def _optimizer_common(prefix, **extra):
+    return tiny_overrides(prefix, **{"training.train_iters": 2 * N, "training.eval_iters": 1,
+                                     **extra})
+
+
+def _dp2_source_runs(workdir):
+    """DP=2 distributed-optimizer run saved at N; then a plain-optimizer run loading it
+    (error), and resumes from a copy without optimizer state (fp32 and bf16)."""
+    import shutil
+    from megatron import mpu
+    from megatron.checkpointing import CheckpointError
+    rank = torch.distributed.get_rank()
+    prefix = os.path.join(workdir, "corpus")
+    if rank == 0:
+        make_corpus(prefix)
+    torch.distributed.barrier()
+    src, bare = os.path.join(workdir, "dp2"), os.path.join(workdir, "bare")
+    straight = run_pretrain(_optimizer_common(prefix, **{
+        "parallel.distributed_optimizer": True, "checkpoint.save": src,
+        "checkpoint.save_interval": N}))
+    torch.distributed.barrier()  # every rank has read the latest file before it changes
+    if rank == 0:
+        # Resume from iteration N; `bare` is that checkpoint without its optimizer
+        # state, as tools/checkpoint_convert.py writes it without --include-optimizer.
+        with open(os.path.join(src, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(f"{N}\n")
+        shutil.copytree(os.path.join(src, f"iter_{N:07d}"), os.path.join(bare, f"iter_{N:07d}"))
+        shutil.copy(os.path.join(src, "latest_checkpointed_iteration.txt"), bare)
+        rank_dir = os.path.join(bare, f"iter_{N:07d}", "mp_rank_00")
+        for name in os.listdir(rank_dir):
+            if name.startswith("distrib_optim"):
+                os.remove(os.path.join(rank_dir, name))
+    torch.distributed.barrier()
+    wrong_kind = None
+    try:
+        run_pretrain(_optimizer_common(prefix, **{"checkpoint.load": src}))
+    except CheckpointError as e:
+        wrong_kind = str(e)
+    mpu.destroy_model_parallel()
+    # bf16: the fp32 masters of the mixed-precision and of the distributed
+    # optimizer are copies that must be refreshed from the loaded weights.
+    fresh = {kind: run_pretrain(_optimizer_common(prefix, **{
+        "training.precision": "bf16", "parallel.distributed_optimizer": kind == "distributed",
+        "checkpoint.load": bare})) for kind in ("plain", "distributed")}
+    return {"straight": straight["train_losses"], "wrong_kind": wrong_kind,
+            "fresh": {k: h["train_losses"] for k, h in fresh.items()},
+            "fresh_iter": [h["iteration"] for h in fresh.values()]}
+
+
+def _dp1_resharding_runs(workdir):
+    """The DP=2 shards re-sharded at DP=1; a plain checkpoint into a distributed optimizer."""
+    from megatron import mpu
+    from megatron.checkpointing import CheckpointError
+    prefix = os.path.join(workdir, "corpus")
+    resharded = run_pretrain(_optimizer_common(prefix, **{
+        "parallel.distributed_optimizer": True, "checkpoint.load": os.path.join(workdir, "dp2")}))
+    plain = os.path.join(workdir, "plain")
+    run_pretrain(_optimizer_common(prefix, **{"training.train_iters": 2, "checkpoint.save": plain}))
+    wrong_kind = None
+    try:
+        run_pretrain(_optimizer_common(prefix, **{
+            "parallel.distributed_optimizer": True, "checkpoint.load": plain}))
+    except CheckpointError as e:
+        wrong_kind = str(e)
+    mpu.destroy_model_parallel()
+    return {"resharded": resharded["train_losses"], "wrong_kind": wrong_kind}
+
+
+def test_resume_without_optimizer_state_resharded_and_wrong_kind(tmp_path):
+    workdir = str(tmp_path)
+    first = run_distributed(_dp2_source_runs, 2, workdir)[0]
+    straight = first["straight"]
+    # (c) distributed-optimizer shards into a plain optimizer: one line naming both
+    msg = first["wrong_kind"]
+    assert msg is not None and "\n" not in msg, msg
+    assert "distributed optimizer" in msg and "data-parallel size 2" in msg and \
+        "parallel.distributed_optimizer=false" in msg and "checkpoint_convert" in msg, msg
+    # (a) no optimizer state: the loaded weights give about the straight run's loss
+    # at N+1 (same weights in bf16, same batch), then a fresh Adam takes other steps;
+    # without refreshed masters the first step would copy the initial weights back
+    # and the loss would jump to about ln(64) = 4.16
+    assert first["fresh_iter"] == [2 * N, 2 * N]
+    for kind, fresh in first["fresh"].items():
+        assert sorted(fresh) == list(range(N + 1, 2 * N + 1)), kind
+        assert fresh[N + 1] == pytest.approx(straight[N + 1], rel=2e-2), (kind, fresh, straight)
+        assert fresh[N + 2] != straight[N + 2]
+        for i in range(N + 2, 2 * N + 1):
+            assert fresh[i] < straight[1] - 0.2, (kind, i, fresh, straight)
+    second = run_distributed(_dp1_resharding_runs, 1, workdir)[0]
+    # (b) DP=2 shards re-sharded at DP=1: Adam moments and masters continue exactly
+    # (same global batch; DP=1 vs DP=2 differ only by summation order)
+    for i in range(N + 1, 2 * N + 1):
+        assert second["resharded"][i] == pytest.approx(straight[i], rel=1e-5), (i, second, straight)
+    msg = second["wrong_kind"]
+    assert msg is not None and "\n" not in msg, msg
+    assert "plain optimizer" in msg and "parallel.distributed_optimizer=true" in msg, msg

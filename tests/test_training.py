@@ -38,7 +38,8 @@ def tiny_overrides(prefix, **extra):
         "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
         "model.seq_length": 32, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
         "model.make_vocab_size_divisible_by": 32,
-        "tokenizer.type": "NullTokenizer", "tokenizer.vocab_size": VOCAB,
+        # NullTokenizer(n) has n ordinary ids plus the end of document n: VOCAB ids in all.
+        "tokenizer.type": "NullTokenizer", "tokenizer.vocab_size": VOCAB - 1,
         "data.data_path": f"[{prefix}]", "data.split": "90,10,0",
         "training.micro_batch_size": 4, "training.global_batch_size": 8,
         "training.train_iters": 20, "training.eval_interval": 10, "training.eval_iters": 2,
