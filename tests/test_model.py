@@ -270,6 +270,15 @@ def test_padded_vocabulary_is_masked_so_padding_changes_nothing():
         GPTModel(tiny_cfg(), 1152, vocab_size=1200)
 
 
+def test_real_embedding_rows_do_not_depend_on_the_padding_for_any_size():
+    """CPU normal_ redraws the last 16 values when the count is not a multiple of 16;
+    the embedding init must keep the real rows equal anyway (75 x 36 = 2700 values)."""
+    cfg = tiny_cfg(model__hidden_size=36)
+    rows = {p: GPTModel(cfg, p, vocab_size=75).word_embeddings_weight().detach() for p in (75, 90)}
+    assert torch.equal(rows[75], rows[90][:75])
+    assert abs(rows[90].std().item() / cfg.model.init_method_std - 1) < 0.05
+
+
 def test_sampling_never_returns_a_padded_id():
     """Padding rows made to dominate the logits are still never sampled or picked greedily."""
     from megatron.inference.sampling import sample_next

@@ -7,16 +7,37 @@ from megatron.model.utils import (POSITION_EMBEDDINGS, WORD_EMBEDDINGS, dropout_
                                   init_method_normal, seeded_init)
 
 
+def prefix_stable_init_normal(std):
+    """N(0, std) init whose values do not depend on how many rows follow.
+
+    The padded vocabulary size depends on TP, and the real rows must start the
+    same in every layout. CPU ``normal_`` draws its uniforms in order but, when
+    the element count is not a multiple of 16, redraws the last 16 values, so
+    a tensor's draw is a prefix of a larger one's only for multiples of 16.
+    Drawing into a buffer rounded up to 16 makes it a prefix always (and equals
+    a plain ``normal_`` when the count already is a multiple of 16).
+    """
+    def init_(tensor):
+        n = tensor.numel()
+        buf = torch.empty(-(-n // 16) * 16, dtype=tensor.dtype, device=tensor.device)
+        buf.normal_(mean=0.0, std=std)
+        with torch.no_grad():
+            tensor.copy_(buf[:n].view_as(tensor))
+        return tensor
+    return init_
+
+
 def build_word_embeddings(cfg, padded_vocab_size):
     """The vocab-parallel word embedding, seeded by its global position.
 
     Used by the first stage and, for the tied output layer, by a last stage
-    that is not the first: both get the same initial weight.
+    that is not the first: both get the same initial weight. Its real rows are
+    the same whatever the padding (``prefix_stable_init_normal``).
     """
     with seeded_init(cfg.training.seed, WORD_EMBEDDINGS):
         return mpu.VocabParallelEmbedding(
             padded_vocab_size, cfg.model.hidden_size,
-            init_method=init_method_normal(cfg.model.init_method_std),
+            init_method=prefix_stable_init_normal(cfg.model.init_method_std),
             params_dtype=torch.float32)
 
 
