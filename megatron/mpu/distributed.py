@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.mpu import parallel_state
+from megatron.mpu.mappings import _all_gather_dim0 as _all_gather
+from megatron.mpu.mappings import _reduce_scatter_dim0 as _reduce_scatter
 
 
 def _group_size(group):
@@ -25,16 +27,6 @@ def _group_size(group):
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group=group)
-
-
-def _reduce_scatter(output, inp, group):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(output, inp, group=group)
-
-
-def _all_gather(output, inp, group):
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(output, inp, group=group)
 
 
 class GradBuffer:
