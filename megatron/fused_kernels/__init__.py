@@ -3,7 +3,7 @@
 No build step: on CUDA the ops use Triton kernels (LayerNorm, bias-GeLU),
 torch.compile (bias-dropout-add) and scaled_dot_product_attention (flash /
 memory-efficient attention); on CPU they use whichever path measured faster
-(bench/results_kernels.md). Triton is imported lazily and never required.
+(bench/RESULTS.md). Triton is imported lazily and never required.
 ``MEGATRON_FUSED_KERNELS=reference`` forces the references everywhere.
 """
 from .attention import core_attention, core_attention_reference, core_attention_sdpa

@@ -36,7 +36,7 @@ def core_attention(q, k, v, dropout_p=0.0, training=True, softmax_scale=None):
     """Causal attention [b, np, s, hn] -> [b, np, s, hn] on the fastest path for the device.
 
     scaled_dot_product_attention on every device (measured faster than the
-    reference on CPU too, see bench/results_kernels.md); the reference when
+    reference on CPU too, see bench/RESULTS.md); the reference when
     forced, or when queries and keys differ in length (SDPA's causal mask is
     aligned top-left, the reference's bottom-right).
     """

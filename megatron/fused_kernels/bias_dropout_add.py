@@ -25,7 +25,7 @@ bias_add_compiled = LazyCompiled(_bias_add)
 
 def bias_dropout_add(x, bias, residual, prob, training):
     """residual + dropout(x + bias): one compiled (fused) kernel on CUDA, the reference on CPU
-    (where the compiled one measured slower, bench/results_kernels.md).
+    (where the compiled one measured slower, bench/RESULTS.md).
 
     Dropout is only drawn when ``training`` and ``prob > 0``, so evaluation and
     dropout-free runs never touch the generator (as in the reference).

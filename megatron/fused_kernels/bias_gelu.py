@@ -17,7 +17,7 @@ def bias_gelu(bias, x):
 
     On CPU the reference is kept: the compiled version measured only ~13 % faster
     per call (about 1 % of a training step) but took ~23 s to compile on first
-    use, a cost every short CPU run and test would pay (bench/results_kernels.md).
+    use, a cost every short CPU run and test would pay (bench/RESULTS.md).
     """
     if force_reference():
         return bias_gelu_reference(bias, x)
