@@ -19,5 +19,11 @@ setup(
         "tokenizers",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "transformers", "safetensors", "triton"]},
+    extras_require={
+        # Hugging Face GPT-2 export/import (tools/convert_hf.py).
+        "hf": ["transformers", "safetensors"],
+        # Triton kernels on CUDA (the CPU paths never need it).
+        "gpu": ["triton"],
+        "test": ["pytest", "transformers", "safetensors", "triton"],
+    },
 )

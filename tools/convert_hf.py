@@ -40,6 +40,10 @@ def main(argv=None):
         else:
             import_from_hf(args.hf_dir, args.save_dir, args.target_tensor_parallel_size,
                            args.target_pipeline_parallel_size, args.make_vocab_size_divisible_by)
+    except ImportError as err:
+        print(f"error: {err}; the Hugging Face conversion needs transformers and safetensors "
+              "(pip install -e .[hf])", file=sys.stderr)
+        return 1
     except (CheckpointError, OSError, ValueError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
         return 1
