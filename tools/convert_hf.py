@@ -45,7 +45,7 @@ def main(argv=None):
               "(pip install -e .[hf])", file=sys.stderr)
         return 1
     except (CheckpointError, OSError, ValueError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else err!r}", file=sys.stderr)
+        print(f"error: {(str(err).splitlines() or [repr(err)])[0]}", file=sys.stderr)
         return 1
     return 0
 

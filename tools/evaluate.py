@@ -52,7 +52,7 @@ def main(argv=None):
             result = evaluate_lambada(im, read_lambada(args.data), strict=args.strict,
                                       progress=progress)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_initialized():

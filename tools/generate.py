@@ -42,7 +42,7 @@ def main(argv=None):
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, use_cache=not args.no_cache)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_initialized():

@@ -41,7 +41,7 @@ def main(argv=None):
                               args.max_tokens_to_generate, args.max_body_bytes)
         server = make_server(im, args.host, args.port, limits)
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
     print(f"serving {args.load} (iteration {im.iteration}) on http://{host}:{port}/api", flush=True)
