@@ -322,7 +322,8 @@ def finalize(cfg, world_size=1):
     positive = [("model", "num_layers"), ("model", "hidden_size"), ("model", "num_attention_heads"),
                 ("model", "seq_length"), ("training", "micro_batch_size"),
                 ("parallel", "tensor_model_parallel_size"), ("parallel", "pipeline_model_parallel_size"),
-                ("logging", "log_interval"), ("training", "eval_interval")]
+                ("logging", "log_interval"), ("training", "eval_interval"),
+                ("training", "max_nonfinite_losses")]
     for section, key in positive:
         value = getattr(getattr(cfg, section), key)
         if value < 1:

@@ -166,7 +166,10 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
     forward_backward = get_forward_backward_func()
     writer = TensorBoardWriter(lg.tensorboard_dir, enabled=is_last_rank())
     timers = Timers()
-    train_iter = _iterators(train_factory, len(model_chunks))
+    # A resumed run that has already reached train_iters reads no batch; its
+    # sampler would also refuse a start at the end of an exactly sized dataset.
+    train_iter = (_iterators(train_factory, len(model_chunks))
+                  if iteration < t.train_iters else None)
     if rng_state is not None:
         checkpointing.set_rng_state(rng_state)
     history = {"train_losses": {}, "grad_norms": {}, "valid_losses": {}, "exit_reason": None}
@@ -254,7 +257,8 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
             window = {"loss": 0.0, "count": 0, "skipped": 0, "nan": 0}
             writer.flush()
 
-        if valid_factory is not None and iteration % t.eval_interval == 0 and iteration < t.train_iters:
+        if (valid_factory is not None and t.eval_iters > 0 and iteration % t.eval_interval == 0
+                and iteration < t.train_iters):
             vloss = evaluate(cfg, forward_step_func, valid_factory, model_chunks, device)
             history["valid_losses"][iteration] = vloss
             _log_eval("validation", iteration, consumed_samples, vloss, writer)
