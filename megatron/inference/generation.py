@@ -7,8 +7,25 @@ pick the same tokens without further communication.
 """
 import torch
 
+from megatron import mpu
 from megatron.inference.sampling import check_sampling_args, sample_next
 from megatron.model.inference_params import InferenceParams
+
+
+def _shared_random_seed(im):
+    """A fresh random seed, the same on every tensor-parallel rank.
+
+    Each rank's own ``torch.seed()`` would differ, the ranks would sample
+    different tokens and their key-value caches (each holding other heads)
+    would then describe different sequences.
+    """
+    seed = torch.seed() % (2 ** 63)
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        return seed
+    t = torch.tensor([seed], dtype=torch.int64, device=im.device)
+    torch.distributed.broadcast(t, src=mpu.get_tensor_model_parallel_src_rank(),
+                                group=mpu.get_tensor_model_parallel_group())
+    return int(t.item())
 
 
 @torch.no_grad()
@@ -35,7 +52,7 @@ def generate_tokens(im, prompt_tokens, tokens_to_generate, greedy=False, tempera
     generator = None
     if not greedy:
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(int(seed) if seed is not None else torch.seed())
+        generator.manual_seed(int(seed) if seed is not None else _shared_random_seed(im))
     eod = im.tokenizer.eod
     logprobs = []
     cache = InferenceParams(1, total) if use_cache else None
