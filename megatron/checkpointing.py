@@ -60,6 +60,12 @@ def read_latest_iteration(root):
 def _atomic_torch_save(obj, path):
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)
+    # On disk before the latest file (fsynced) can name this checkpoint.
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
