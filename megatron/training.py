@@ -186,6 +186,7 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
         history["valid_losses"][0] = vloss
         _log_eval("validation", 0, consumed_samples, vloss, writer)
     timers("interval").start()
+    last_log_iteration = iteration
     print_rank_0(f"training: iterations {iteration} -> {t.train_iters}, global batch {gbs}, "
                  f"micro batch {t.micro_batch_size}, {num_micro} micro batches per step, "
                  f"data-parallel size {mpu.get_data_parallel_world_size()}")
@@ -232,7 +233,9 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
 
         lr = scheduler.get_lr() if hasattr(scheduler, "get_lr") else optimizer.param_groups[0]["lr"]
         if iteration % lg.log_interval == 0:
-            elapsed = timers("interval").elapsed() / lg.log_interval
+            # A resumed run's first window can be shorter than log_interval.
+            elapsed = timers("interval").elapsed() / max(iteration - last_log_iteration, 1)
+            last_log_iteration = iteration
             tokens_per_sec = gbs * cfg.model.seq_length / max(elapsed, 1e-9)
             params_norm = calc_params_l2_norm(model_chunks)
             avg = window["loss"] / window["count"] if window["count"] else float("nan")
