@@ -52,7 +52,11 @@ class LazyCompiled:
         if self.failed:
             return self.fn(*args, **kwargs)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False)
+            # dynamic=None (automatic): the first shape compiles static, as
+            # training needs; a second shape (inference: each prompt length,
+            # then one-token steps) recompiles once with dynamic sizes instead
+            # of once per length up to the recompile limit.
+            self.compiled = torch.compile(self.fn, dynamic=None)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as e:  # compilation happens lazily, inside the first call
