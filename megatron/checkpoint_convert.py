@@ -12,13 +12,12 @@ import torch
 
 from megatron.checkpointing import (CHECKPOINT_VERSION, LATEST, MODEL_FILE, CheckpointError,
                                     iteration_dir, rank_dir_name)
+# _TP_SEED_OFFSET: the model-parallel RNG of TP rank r is seeded seed + offset + r
+# (mpu.model_parallel_seed); a new TP rank starts its dropout stream there.
+from megatron.mpu.random import _TP_SEED_OFFSET
 from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state,
                               merge_optimizer_state, resize_optimizer_vocab, resize_vocab,
                               split_model_state, split_optimizer_state, target_padded_vocab)
-
-# Seed offset of the model-parallel RNG of TP rank r (seed + offset + r), as in
-# mpu.model_parallel_seed: a new TP rank starts its dropout stream there.
-_TP_SEED_OFFSET = 2718
 
 
 def true_vocab_size(config, fallback):

@@ -163,9 +163,10 @@ def resize_vocab(tensor, rows):
 
 
 def target_padded_vocab(true_vocab, divisible_by, tp):
-    """Padded vocabulary size for ``tp`` ranks (a multiple of divisible_by x tp)."""
-    multiple = int(divisible_by) * int(tp)
-    return ((int(true_vocab) + multiple - 1) // multiple) * multiple
+    """Padded vocabulary size for ``tp`` ranks (a multiple of divisible_by x tp):
+    the training rule, ``megatron.tokenizer.padded_vocab_size``."""
+    from megatron.tokenizer.build import padded_vocab_size
+    return padded_vocab_size(true_vocab, divisible_by, tp)
 
 
 def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
