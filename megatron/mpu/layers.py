@@ -51,6 +51,15 @@ def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
     fp32 master weight of ``shape``, initialized on the CPU by ``init_method``."""
     world_size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    if (torch.device(device).type if device is not None
+            else torch.get_default_device().type) == "meta":
+        # Built under torch.device("meta") (weights loaded later, e.g. the
+        # inference loader): the CPU master would be drawn and thrown away.
+        shard_shape = list(shape)
+        shard_shape[partition_dim] //= world_size
+        weight = torch.nn.Parameter(torch.empty(shard_shape, dtype=params_dtype, device="meta"))
+        set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
+        return weight
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         init_method(master)
