@@ -152,6 +152,20 @@ def _stop_flags(exit_signal, start_time, cfg, device):
     return bool(flags[0].item()), bool(flags[1].item())
 
 
+def _on_rank_0(predicate, device):
+    """`predicate()` evaluated on global rank 0 and shared with every rank.
+
+    For decisions that lead to collectives (a final save) but read the
+    filesystem, where another node may still see a stale file.
+    """
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return bool(predicate())
+    flag = torch.tensor([float(bool(predicate())) if torch.distributed.get_rank() == 0 else 0.0],
+                        device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_factory,
           valid_factory, device, iteration, consumed_samples, exit_signal, rng_state=None):
     """Run optimizer steps until train_iters / an exit condition; return the history."""
@@ -360,7 +374,8 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
                 history["valid_losses"][it] = vloss
                 _log_eval("validation", it, consumed, vloss, writer)
             ck = cfg.checkpoint
-            if ck.save and it > 0 and checkpointing.read_latest_iteration(ck.save) != it:
+            if ck.save and it > 0 and _on_rank_0(
+                    lambda: checkpointing.read_latest_iteration(ck.save) != it, device):
                 checkpointing.save_checkpoint(cfg, it, consumed, model_chunks, optimizer, scheduler)
             if (tokenizer is not None and cfg.training.sample_prompt
                     and mpu.get_pipeline_model_parallel_world_size() == 1):

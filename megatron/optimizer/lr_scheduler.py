@@ -10,8 +10,8 @@ class OptimizerParamScheduler:
     ``OptimizerParamScheduler(optimizer, optimizer_cfg, train_iters)`` reads
     ``lr``, ``min_lr``, ``lr_warmup_iters``, ``lr_decay_iters`` (None means
     ``train_iters``) and ``lr_decay_style`` from the config section. Steps are
-    counted in iterations (optimizer steps, skipped ones included): the loop
-    calls ``step(increment=1)`` after each iteration. As in Megatron, the lr at
+    counted in successful optimizer steps: as in Megatron, the loop calls
+    ``step(increment=1)`` after each iteration whose update was not skipped. As in Megatron, the lr at
     step ``n`` during warmup is ``lr * n / warmup`` (0 for the first iteration),
     then decays from ``lr`` to ``min_lr`` over ``[warmup, decay]`` and stays at
     ``min_lr`` afterwards.
