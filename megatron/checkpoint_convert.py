@@ -12,9 +12,8 @@ import torch
 
 from megatron.checkpointing import (CHECKPOINT_VERSION, LATEST, MODEL_FILE, CheckpointError,
                                     iteration_dir, rank_dir_name)
-# _TP_SEED_OFFSET: the model-parallel RNG of TP rank r is seeded seed + offset + r
-# (mpu.model_parallel_seed); a new TP rank starts its dropout stream there.
-from megatron.mpu.random import _TP_SEED_OFFSET
+# A new rank starts its dropout streams where mpu.model_parallel_seed would.
+from megatron.mpu.random import rank_seeds
 from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state,
                               merge_optimizer_state, resize_optimizer_vocab, resize_vocab,
                               split_model_state, split_optimizer_state, target_padded_vocab)
@@ -46,14 +45,15 @@ def fresh_rng_state(seed):
         set_rng_state(saved)
 
 
-def _rng_for(source_states, seed, tp_rank):
+def _rng_for(source_states, seed, tp_rank, pp_rank):
     """RNG states of a target rank: the source's (fresh ones from ``seed`` when there
     are none), with the model-parallel tracker re-seeded for this TP rank (heads
     move between ranks, so the old stream has no meaning for a new layout)."""
+    default_seed, tracker_seed = rank_seeds(int(seed), tp_rank, pp_rank)
     states = []
-    for st in source_states or [fresh_rng_state(seed)]:
+    for st in source_states or [fresh_rng_state(default_seed)]:
         st = dict(st)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed) + _TP_SEED_OFFSET + tp_rank)
+        gen = torch.Generator(device="cpu").manual_seed(tracker_seed)
         st["tracker"] = {"model-parallel-rng": {"cpu": gen.get_state()}}
         states.append(st)
     return states
@@ -119,7 +119,7 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
             "config": cfg,
             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                          "virtual_pipeline_model_parallel_size": vp, "data_parallel_size": 1},
-            "rng_state": _rng_for(rng_states, seed, tp_rank),
+            "rng_state": _rng_for(rng_states, seed, tp_rank, pp_rank),
             "opt_param_scheduler": scheduler_state,
         }
         if vp == 1:

@@ -23,6 +23,19 @@ from . import parallel_state
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
+_PP_SEED_STRIDE = 100
+
+
+def rank_seeds(seed, tp_rank, pp_rank):
+    """(default-generator seed, tracker seed) of the rank at (tp_rank, pp_rank).
+
+    Each pipeline stage gets its own base seed (Megatron's ``seed + 100 * pp_rank``)
+    so that stages never replay each other's dropout masks; the base is shared by
+    the TP ranks of a stage (replicated-region dropout equal), and the tracker
+    seed adds ``2718 + tp_rank`` (split-region dropout differs across TP ranks).
+    """
+    base = seed + _PP_SEED_STRIDE * pp_rank
+    return base, base + _TP_SEED_OFFSET + tp_rank
 
 
 def _cuda_in_use():
@@ -131,14 +144,15 @@ def get_rng_tracker():
 
 
 def model_parallel_seed(seed, device=None):
-    """Seed the default generators with ``seed`` (same on every TP rank) and the
-    tracker's ``"model-parallel-rng"`` with ``seed + 2718 + tp_rank``.
+    """Seed the default generators and the tracker's ``"model-parallel-rng"`` with
+    this rank's ``rank_seeds(seed, tp_rank, pp_rank)``.
 
     ``device``: when it is a CUDA device the tracker also tracks that device's
     CUDA generator; with None, CUDA is tracked if CUDA is already initialized.
     """
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    torch.manual_seed(seed)  # every device's default generator
+    default_seed, tracker_seed = rank_seeds(seed, parallel_state.get_tensor_model_parallel_rank(),
+                                            parallel_state.get_pipeline_model_parallel_rank())
+    torch.manual_seed(default_seed)  # every device's default generator
     _RNG_TRACKER.reset()
     if device is not None:
         device = torch.device(device)
@@ -146,7 +160,7 @@ def model_parallel_seed(seed, device=None):
             _RNG_TRACKER.use_cuda(device.index if device.index is not None else None)
     elif _cuda_in_use():
         _RNG_TRACKER.use_cuda()
-    _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, seed + _TP_SEED_OFFSET + tp_rank)
+    _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, tracker_seed)
 
 
 def get_rng_states():
