@@ -104,9 +104,22 @@ def _iterators(loader_factory, num_chunks):
     return [iter(loader_factory()) for _ in range(num_chunks)]
 
 
-def _mean_loss(loss_dicts, key="lm loss"):
-    values = [float(d[key]) for d in loss_dicts if key in d]
-    return sum(values) / len(values) if values else float("nan")
+def _mean_loss_tensor(loss_dicts, device, key="lm loss"):
+    """Mean of the micro batches' `key` losses as one 0-d tensor on `device` (no host sync).
+
+    float64 on the CPU, float32 on accelerators (as `average_over_data_parallel`);
+    NaN when no micro batch reported the key (not the last pipeline stage).
+    """
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    values = [torch.as_tensor(d[key]).detach().reshape(()).to(device=device, dtype=torch.float64)
+              for d in loss_dicts if key in d]
+    if not values:
+        return torch.full((), float("nan"), dtype=dtype, device=device)
+    return torch.stack(values).mean().to(dtype)
+
+
+def _mean_loss(loss_dicts, device, key="lm loss"):
+    return _mean_loss_tensor(loss_dicts, device, key).item()
 
 
 def evaluate(cfg, forward_step_func, valid_factory, model_chunks, device):
@@ -126,7 +139,7 @@ def evaluate(cfg, forward_step_func, valid_factory, model_chunks, device):
                                      cfg.num_microbatches(world_size_from_env()),
                                      cfg.model.seq_length, cfg.training.micro_batch_size,
                                      forward_only=True)
-            total.append(_mean_loss(dicts))
+            total.append(_mean_loss(dicts, device))
     for c in model_chunks:
         c.train()
     loss = average_over_data_parallel([sum(total) / max(len(total), 1)], device)[0]
@@ -141,15 +154,36 @@ def _log_eval(name, iteration, consumed, loss, writer):
     writer.add_scalar("lm loss validation ppl", ppl, iteration, consumed)
 
 
-def _stop_flags(exit_signal, start_time, cfg, device):
-    """(sigterm, duration) agreed by every rank, so all of them save and leave together."""
+def _step_scalars(loss_dicts, is_last_stage, exit_signal, start_time, cfg, device):
+    """One all-reduce and one host transfer per iteration for every per-step scalar.
+
+    Returns `(loss, sigterm, duration)`, agreed by every rank: `loss` is the
+    iteration's lm loss averaged over data parallelism (each last-stage rank
+    contributes its micro-batch mean / its number of replicas, i.e. world / PP;
+    a non-finite loss anywhere makes it non-finite everywhere), `sigterm` and
+    `duration` are the stop flags (any rank), so all ranks stop together.
+    """
+    from megatron import mpu
     t = cfg.training
     duration = (t.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
-    flags = torch.tensor([float(exit_signal.received), float(duration)], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags[0].item()), bool(flags[1].item())
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if is_last_stage:
+        loss = _mean_loss_tensor(loss_dicts, device)
+        if distributed:
+            replicas = (torch.distributed.get_world_size()
+                        // mpu.get_pipeline_model_parallel_world_size())
+            loss = loss / replicas
+    else:
+        loss = torch.zeros((), dtype=dtype, device=device)
+    flags = torch.tensor([float(exit_signal.received), float(duration)], dtype=dtype,
+                         device=device)
+    scalars = torch.cat([loss.reshape(1), flags])
+    if distributed:
+        torch.distributed.all_reduce(scalars)  # SUM: the DP mean, and "any rank" for flags
+    loss, sigterm, dur = scalars.tolist()
+    return loss, sigterm > 0, dur > 0
 
 
 def _on_rank_0(predicate, device):
@@ -191,6 +225,7 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
     for c in model_chunks:
         c.train()
     start_time = time.time()
+    last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
     window = {"loss": 0.0, "count": 0, "skipped": 0, "nan": 0}
     total_skipped = 0
     nonfinite_run = 0
@@ -222,25 +257,25 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
         # Every rank has the global norm (None when clipping is off).
         history["grad_norms"][iteration] = None if grad_norm is None else float(grad_norm)
 
-        # The loss is only known on the last pipeline stage; averaged over DP there.
-        loss = float("nan")
-        if mpu.is_pipeline_last_stage(ignore_virtual=True):
-            loss = average_over_data_parallel([_mean_loss(loss_dicts)], device)[0]
+        # The loss is only known on the last pipeline stage; the one per-step
+        # all-reduce shares its DP mean (and the stop flags) with every rank.
+        loss, sigterm, duration = _step_scalars(loss_dicts, last_stage, exit_signal, start_time,
+                                                cfg, device)
+        if last_stage:
             history["train_losses"][iteration] = loss
-            if math.isfinite(loss):
-                nonfinite_run = 0
+        if math.isfinite(loss):
+            nonfinite_run = 0
+            if last_stage:
                 window["loss"] += loss
                 window["count"] += 1
-            else:
-                nonfinite_run += 1
+        else:
+            nonfinite_run += 1
+            if last_stage:
                 window["nan"] += 1
-        # Every rank must learn about a run of non-finite losses to stop together.
-        bad = torch.tensor([float(nonfinite_run)], device=device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item() >= t.max_nonfinite_losses:
+        # Every rank counts the same run of non-finite losses, so all stop together.
+        if nonfinite_run >= t.max_nonfinite_losses:
             writer.close()
-            raise TrainingError(f"lm loss was not finite for {int(bad.item())} consecutive "
+            raise TrainingError(f"lm loss was not finite for {nonfinite_run} consecutive "
                                 f"iterations (training.max_nonfinite_losses="
                                 f"{t.max_nonfinite_losses}) at iteration {iteration}: lower "
                                 f"optimizer.lr={cfg.optimizer.lr} or check the data")
@@ -286,7 +321,6 @@ def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_fact
             checkpointing.save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer,
                                           scheduler)
             saved = True
-        sigterm, duration = _stop_flags(exit_signal, start_time, cfg, device)
         reason = None
         if sigterm:
             reason = "SIGTERM received"
