@@ -2,7 +2,12 @@
 
 The paper's promise: 2 all-reduces forward and 2 backward per layer, nothing
 else; with sequence parallelism each all-reduce becomes an all-gather plus a
-reduce-scatter (2 + 2 forward, 2 + 2 backward) and no all-reduce remains.
+reduce-scatter and no all-reduce remains: forward 2 all-gathers (the column
+layers' inputs: QKV, h->4h) + 2 reduce-scatters (the row layers' outputs);
+backward 4 all-gathers + 2 reduce-scatters. Backward, each column layer saves
+only its [s/tp, b, h] shard, so it all-gathers it again for the weight gradient
+(1 all-gather) and reduce-scatters the input gradient (1 reduce-scatter); each
+row layer all-gathers its output gradient (1 all-gather). As in Megatron-LM.
 """
 import collections
 import contextlib
@@ -91,11 +96,15 @@ def test_collectives_per_layer_at_tp2():
     for counts in run_distributed(_all_counts, 2):
         for rc in ("none", "selective"):
             assert counts[(False, rc)] == ({"all_reduce": 2}, {"all_reduce": 2}), (rc, counts)
+            # Backward: 2 column layers x (re-gather + reduce-scatter of the
+            # input grad) + 2 row layers x all-gather of the output grad.
             assert counts[(True, rc)] == (
                 {"all_gather": 2, "reduce_scatter": 2},
-                {"all_gather": 2, "reduce_scatter": 2}), (rc, counts)
-        # Full recompute replays the forward (and its collectives) in backward.
+                {"all_gather": 4, "reduce_scatter": 2}), (rc, counts)
+        # Full recompute replays the forward (and its collectives) in backward:
+        # the forward's 2 + 2 on top of the backward's 4 all-gathers + 2
+        # reduce-scatters.
         assert counts[(False, "full")] == ({"all_reduce": 2}, {"all_reduce": 4}), counts
         assert counts[(True, "full")] == (
             {"all_gather": 2, "reduce_scatter": 2},
-            {"all_gather": 4, "reduce_scatter": 4}), counts
+            {"all_gather": 6, "reduce_scatter": 4}), counts

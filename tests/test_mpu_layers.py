@@ -80,6 +80,42 @@ def _column_checks(errs, tp, rank, gather_output, sequence_parallel, tag):
     errs[f"{tag}/attributes"] = 0.0 if ok else float("inf")
 
 
+def _column_sequence_parallel_saved_checks(errs, tp, rank, tag):
+    """With sequence parallelism autograd keeps only this rank's [s/tp, b, h]
+    input shard (re-gathered in backward), never the gathered [s, b, h] input;
+    with ``skip_bias_add`` the output and weight grad still equal the serial
+    ones and the unused bias gets no grad."""
+    x_full = _randn(20, S, B, H_IN)
+    w_full = _full_weight(2, (H_OUT, H_IN))
+    g_full = _randn(21, S, B, H_OUT)
+    torch.manual_seed(2)
+    layer = mpu.ColumnParallelLinear(H_IN, H_OUT, gather_output=False, init_method=_init_normal,
+                                     sequence_parallel=True, skip_bias_add=True)
+    x = x_full.chunk(tp, 0)[rank].clone().requires_grad_()
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, bias = layer(x)
+    errs[f"{tag}/saves_only_shard"] = float(abs(sum(saved.values()) - x.numel() * x.element_size()))
+    errs[f"{tag}/bias_returned"] = 0.0 if bias is layer.bias else float("inf")
+    (out * g_full.chunk(tp, -1)[rank]).sum().backward()
+    xr = x_full.clone().requires_grad_()
+    wr = w_full.clone().requires_grad_()
+    ref = F.linear(xr, wr)
+    (ref * g_full).sum().backward()
+    errs[f"{tag}/output"] = _err(out, ref.chunk(tp, -1)[rank])
+    errs[f"{tag}/input_grad"] = _err(x.grad, xr.grad.chunk(tp, 0)[rank])
+    errs[f"{tag}/weight_grad"] = _err(layer.weight.grad, wr.grad.chunk(tp, 0)[rank])
+    errs[f"{tag}/unused_bias_no_grad"] = 0.0 if layer.bias.grad is None else float("inf")
+
+
 def _row_checks(errs, tp, rank, input_is_parallel, sequence_parallel, skip_bias_add, tag):
     x_full = _randn(20, S, B, H_OUT)
     w_full = _full_weight(2, (H_IN, H_OUT))
@@ -210,6 +246,7 @@ def _all_checks(tp):
     for gather in (True, False):
         _column_checks(errs, tp, rank, gather, False, f"tp{tp}/column_gather={gather}")
     _column_checks(errs, tp, rank, False, True, f"tp{tp}/column_sequence_parallel")
+    _column_sequence_parallel_saved_checks(errs, tp, rank, f"tp{tp}/column_sp_saved")
     for parallel in (True, False):
         _row_checks(errs, tp, rank, parallel, False, False, f"tp{tp}/row_input_is_parallel={parallel}")
     _row_checks(errs, tp, rank, True, False, True, f"tp{tp}/row_skip_bias_add")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from . import parallel_state
-from .mappings import (copy_to_tensor_model_parallel_region,
-                       gather_from_sequence_parallel_region,
+from .mappings import (_gather_along_first_dim, _reduce_scatter_along_first_dim,
+                       copy_to_tensor_model_parallel_region,
                        gather_from_tensor_model_parallel_region,
                        reduce_from_tensor_model_parallel_region,
                        reduce_scatter_to_sequence_parallel_region,
@@ -82,14 +82,52 @@ def _bias(size, params_dtype, device):
     return torch.nn.Parameter(torch.zeros(size, dtype=params_dtype, device=device))
 
 
+class _SequenceParallelGatherLinear(torch.autograd.Function):
+    """``F.linear(all_gather_dim0(x), weight, bias)`` that saves only the local
+    ``[s / tp, b, h]`` shard ``x`` for backward (as Megatron-LM's
+    LinearWithGradAccumulationAndAsyncCommunication with sequence parallelism).
+
+    Forward all-gathers ``x`` along the sequence and multiplies; the gathered
+    ``[s, b, h]`` input is freed afterwards. Backward all-gathers the saved
+    shard again for the weight gradient, and reduce-scatters the input gradient
+    along the sequence (each rank holds a partial sum over its output columns).
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias):
+        ctx.use_bias = bias is not None
+        ctx.save_for_backward(input_, weight)
+        return F.linear(_gather_along_first_dim(input_), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            # [s, b, out/tp] @ [out/tp, in] -> partial [s, b, in]; sum over TP
+            # ranks and keep this rank's slice of the sequence.
+            grad_input = _reduce_scatter_along_first_dim(grad_output.matmul(weight))
+        if need_weight:
+            total_input = _gather_along_first_dim(input_)  # the re-gather
+            grad_weight = grad_output.reshape(-1, grad_output.size(-1)).t().matmul(
+                total_input.reshape(-1, total_input.size(-1)))
+        if need_bias and ctx.use_bias:
+            grad_bias = grad_output.reshape(-1, grad_output.size(-1)).sum(dim=0)
+        return grad_input, grad_weight, grad_bias
+
+
 class ColumnParallelLinear(torch.nn.Module):
     """``Y = X A + b`` with ``A`` split by output columns across TP ranks.
 
     The weight is ``[output_size / tp, input_size]`` on each rank (dim 0 of the
     ``[out, in]`` weight is split). The input goes through ``f`` (identity
     forward, all-reduce backward) or, with ``sequence_parallel``, is all-gathered
-    along dim 0 from ``[s / tp, b, h]``. With ``gather_output`` the output is
-    all-gathered along the last dim; otherwise each rank keeps its columns.
+    along dim 0 from ``[s / tp, b, h]`` inside one autograd Function that saves
+    only the local shard for backward and re-gathers it there for the weight
+    gradient (the input gradient is reduce-scattered along dim 0). With
+    ``gather_output`` the output is all-gathered along the last dim; otherwise
+    each rank keeps its columns.
     ``forward`` returns ``(output, bias)``: ``bias`` is None unless
     ``skip_bias_add``, in which case it is returned unadded for a later fused op.
     """
@@ -119,12 +157,14 @@ class ColumnParallelLinear(torch.nn.Module):
     def forward(self, input_):
         """``input_`` ``[..., input_size]`` (``[s / tp, b, h]`` with sequence
         parallelism) -> ``(output, bias)``."""
+        bias = None if self.skip_bias_add else self.bias
         if self.sequence_parallel:
-            input_parallel = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
+            # Gather + matmul in one autograd Function that keeps only the
+            # local shard for backward (re-gathered there), not [s, b, h].
+            output_parallel = _SequenceParallelGatherLinear.apply(input_, self.weight, bias)
         else:
             input_parallel = copy_to_tensor_model_parallel_region(input_)
-        bias = None if self.skip_bias_add else self.bias
-        output_parallel = F.linear(input_parallel, self.weight, bias)
+            output_parallel = F.linear(input_parallel, self.weight, bias)
         output = gather_from_tensor_model_parallel_region(output_parallel) \
             if self.gather_output else output_parallel
         return output, (self.bias if self.skip_bias_add else None)
