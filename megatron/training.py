@@ -79,11 +79,15 @@ def _num_samples(cfg):
     return [t.train_iters * gbs, eval_batches, eval_batches]
 
 
-def build_data_iterators(cfg, datasets, consumed_samples, num_chunks):
-    """Loaders for train/valid/test; train starts at `consumed_samples` (exact resume)."""
+def build_data_iterators(cfg, datasets, consumed_samples, device=None):
+    """Loaders for train/valid/test; train starts at `consumed_samples` (exact resume).
+
+    Batches are pinned when `device` is a CUDA device.
+    """
     from megatron import mpu
     from megatron.data.samplers import build_pretraining_data_loader
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    pin = device is not None and torch.device(device).type == "cuda"
     loaders = []
     for i, ds in enumerate(datasets):
         if ds is None:
@@ -92,7 +96,7 @@ def build_data_iterators(cfg, datasets, consumed_samples, num_chunks):
         start = consumed_samples if i == 0 else 0
         loaders.append(lambda ds=ds, start=start: build_pretraining_data_loader(
             ds, start, cfg.training.micro_batch_size, dp_rank, dp_size,
-            num_workers=cfg.data.num_workers))
+            num_workers=cfg.data.num_workers, pin_memory=pin))
     return loaders
 
 
@@ -397,7 +401,7 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         # RNGs; keep the (restored) states so a resumed run continues exactly.
         rng_state = checkpointing.get_rng_state()
         datasets = _build_datasets(cfg, datasets_provider)
-        train_f, valid_f, test_f = build_data_iterators(cfg, datasets, consumed, len(model_chunks))
+        train_f, valid_f, test_f = build_data_iterators(cfg, datasets, consumed, device)
         history = train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_f,
                         valid_f, device, iteration, consumed, exit_signal, rng_state)
         writer = history.pop("writer")

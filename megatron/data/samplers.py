@@ -52,9 +52,11 @@ def collate_samples(samples):
 
 
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, data_parallel_rank,
-                                  data_parallel_size, num_workers=0):
+                                  data_parallel_size, num_workers=0, pin_memory=False):
     """A DataLoader over ``dataset`` yielding this DP rank's micro batches from ``consumed_samples``.
 
+    ``pin_memory=True`` (for a CUDA target device) puts batches in page-locked
+    memory so the ``non_blocking`` host-to-device copies are asynchronous.
     Returns None when ``dataset`` is None (an empty split).
     """
     if dataset is None:
@@ -62,5 +64,5 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_samples,
+                                       collate_fn=collate_samples, pin_memory=pin_memory,
                                        persistent_workers=num_workers > 0)
