@@ -107,6 +107,9 @@ class DistributedDataParallel(torch.nn.Module):
         self.param_to_buffer = {p: b for b in self.buffers_ for p in b.params}
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate)
                        for p in self.param_to_buffer]
+        # The params finalize_model_grads reduces over TP / the embedding
+        # group, found once instead of by a scan of every param each step.
+        self.sequence_parallel_params, self.tied_embedding_params = _special_params(module)
 
     @staticmethod
     def _accumulate(param):
@@ -173,6 +176,19 @@ class DistributedDataParallel(torch.nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, **kwargs)
 
 
+def _special_params(module):
+    """``(sequence_parallel params, tied_embedding params)`` of ``module`` that need grads."""
+    sp_params, tied_params = [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "sequence_parallel", False):
+            sp_params.append(p)
+        if getattr(p, "tied_embedding", False):
+            tied_params.append(p)
+    return sp_params, tied_params
+
+
 def _all_reduce_grads(params, group):
     """Sum the ``main_grad`` (or ``grad``) of ``params`` over ``group``, coalesced."""
     grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
@@ -200,13 +216,12 @@ def finalize_model_grads(model_chunks):
     """
     sp_params, tied_params = [], []
     for chunk in model_chunks:
-        for p in chunk.parameters():
-            if not p.requires_grad:
-                continue
-            if getattr(p, "sequence_parallel", False):
-                sp_params.append(p)
-            if getattr(p, "tied_embedding", False):
-                tied_params.append(p)
+        if isinstance(chunk, DistributedDataParallel):
+            sp, tied = chunk.sequence_parallel_params, chunk.tied_embedding_params
+        else:  # a bare module: scan it
+            sp, tied = _special_params(chunk)
+        sp_params.extend(sp)
+        tied_params.extend(tied)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         _all_reduce_grads(sp_params, parallel_state.get_tensor_model_parallel_group())
     if (parallel_state.get_pipeline_model_parallel_world_size() > 1
