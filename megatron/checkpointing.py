@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from megatron.logging import print_rank_0
+from megatron.utils import unwrap_model
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -128,19 +129,10 @@ def _gather_rng_states_over_dp():
 
 
 # ---------------------------------------------------------------- save
-def _unwrap(chunk):
-    """The GPTModel inside a DDP / compile wrapper, so names match the plain model."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    while hasattr(chunk, "_orig_mod"):
-        chunk = chunk._orig_mod
-    return chunk
-
-
 def _model_state(model_chunks):
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).state_dict()}
-    return {f"model{i}": _unwrap(c).state_dict() for i, c in enumerate(model_chunks)}
+        return {"model": unwrap_model(model_chunks[0]).state_dict()}
+    return {f"model{i}": unwrap_model(c).state_dict() for i, c in enumerate(model_chunks)}
 
 
 def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, scheduler,
@@ -253,7 +245,7 @@ def _check_layout(path, saved, cfg, model_chunks):
 
 
 def _load_model_state(path, chunk, state):
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -1,6 +1,5 @@
 """Rank-aware printing, simple wall-clock timers and a TensorBoard writer."""
 import os
-import sys
 import time
 
 import torch
@@ -81,12 +80,6 @@ class Timers:
             self._timers[name] = Timer(name, self._synchronize)
         return self._timers[name]
 
-    def log_string(self, names, normalizer=1.0, reset=True):
-        """'time (ms) | a: 1.23 | b: 4.56' for the named timers that exist."""
-        parts = [f"{n}: {self._timers[n].elapsed(reset) * 1000.0 / normalizer:.2f}"
-                 for n in names if n in self._timers]
-        return "time (ms) | " + " | ".join(parts)
-
 
 class TensorBoardWriter:
     """Writes scalars on one rank, each also as `<tag> vs samples`; a no-op without a directory."""
@@ -122,10 +115,3 @@ class TensorBoardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def fatal(message, code=1):
-    """Print one line on stderr (rank 0 only, to avoid N copies) and exit."""
-    if _rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)

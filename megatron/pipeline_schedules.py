@@ -33,8 +33,7 @@ import torch
 
 from megatron.mpu import p2p_communication as p2p
 from megatron.mpu import parallel_state as ps
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from megatron.utils import DTYPES, unwrap_model
 
 
 @dataclass
@@ -51,13 +50,6 @@ class ScheduleTrace:
     def _record(self, kind, chunk, microbatch, in_flight):
         self.steps.append((kind, chunk, microbatch))
         self.max_in_flight = max(self.max_in_flight, in_flight)
-
-
-def _unwrap(module):
-    """The innermost module (below DDP and similar wrappers that keep ``.module``)."""
-    while hasattr(module, "module") and not hasattr(module, "set_input_tensor"):
-        module = module.module
-    return module
 
 
 def _find_config(module):
@@ -86,7 +78,7 @@ def _tensor_spec(chunk, seq_length, micro_batch_size, tensor_shape, dtype):
                                                  cfg.parallel.sequence_parallel)
     if dtype is None:
         if cfg is not None:
-            dtype = _DTYPES.get(getattr(cfg.training, "precision", "fp32"), torch.float32)
+            dtype = DTYPES.get(getattr(cfg.training, "precision", "fp32"), torch.float32)
         else:
             dtype = next((q.dtype for q in chunk.parameters() if q.is_floating_point()),
                          torch.float32)
@@ -97,7 +89,7 @@ def _tensor_spec(chunk, seq_length, micro_batch_size, tensor_shape, dtype):
 def _forward_step(forward_step_func, data_iterator, chunk, input_tensor, num_microbatches,
                   losses):
     """Run one chunk on one micro batch; on the last stage return the scaled loss."""
-    _unwrap(chunk).set_input_tensor(input_tensor)
+    unwrap_model(chunk).set_input_tensor(input_tensor)
     output_tensor, loss_func = forward_step_func(data_iterator, chunk)
     if ps.is_pipeline_last_stage():
         loss, loss_dict = loss_func(output_tensor)

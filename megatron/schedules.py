@@ -13,8 +13,7 @@ def _unwrap_list(model):
     return model if isinstance(model, (list, tuple)) else [model]
 
 
-def forward_step(forward_step_func, data_iterator, model, num_microbatches, losses_reduced,
-                 forward_only):
+def forward_step(forward_step_func, data_iterator, model, num_microbatches, losses_reduced):
     """One micro batch: run the model, compute the loss, divide it by num_microbatches.
 
     Returns the loss tensor to backpropagate (already divided) on the last stage,
@@ -52,7 +51,7 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_
     for _ in range(num_microbatches):
         with context:
             loss = forward_step(forward_step_func, data_iterator, chunk, num_microbatches,
-                                losses_reduced, forward_only)
+                                losses_reduced)
         if not forward_only:
             backward_step(loss, grad_scale_func)
     return losses_reduced

@@ -13,9 +13,7 @@ from megatron import checkpointing
 from megatron.config import finalize
 from megatron.initialize import initialize_megatron, world_size_from_env
 from megatron.logging import TensorBoardWriter, Timers, is_last_rank, print_rank_0, print_rank_last
-from megatron.utils import average_over_data_parallel, calc_params_l2_norm, generate_sample
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from megatron.utils import DTYPES, average_over_data_parallel, calc_params_l2_norm, generate_sample
 
 
 class TrainingError(RuntimeError):

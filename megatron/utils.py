@@ -3,12 +3,20 @@ import math
 
 import torch
 
+# training.precision -> the dtype of the model (and of the tensors between pipeline stages).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def unwrap_model(chunk):
-    """The plain model inside DDP / torch.compile wrappers."""
-    while hasattr(chunk, "module") or hasattr(chunk, "_orig_mod"):
-        chunk = getattr(chunk, "module", None) or chunk._orig_mod
-    return chunk
+    """The plain model inside DDP / torch.compile wrappers (any nesting of ``.module`` /
+    ``._orig_mod``), so state-dict names and ``set_input_tensor`` are the model's own."""
+    while True:
+        inner = getattr(chunk, "module", None)
+        if inner is None:
+            inner = getattr(chunk, "_orig_mod", None)
+        if inner is None:
+            return chunk
+        chunk = inner
 
 
 def calc_params_l2_norm(model_chunks):
