@@ -32,6 +32,28 @@ def iteration_dir(root, iteration):
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def existing_iteration_dir(root, iteration):
+    """The folder holding `iteration`'s checkpoint: `iter_N`, or `iter_N.old` when only
+    that exists (a crash between the two renames of an iteration saved a second time:
+    the earlier save of the same iteration is then complete under `.old`)."""
+    path = iteration_dir(root, iteration)
+    old = path + ".old"
+    if not os.path.isdir(path) and os.path.isdir(old):
+        print_rank_0(f"warning: {path} is missing but {old} exists (a save of iteration "
+                     f"{iteration} was interrupted while replacing it): loading {old}")
+        return old
+    return path
+
+
+def _remove_stale_tmp_dirs(root, iteration):
+    """Remove `iter_*.tmp` folders left by crashed saves of iterations other than `iteration`."""
+    keep = os.path.basename(iteration_dir(root, iteration)) + ".tmp"
+    for name in os.listdir(root):
+        if (name.startswith("iter_") and name.endswith(".tmp") and name != keep
+                and os.path.isdir(os.path.join(root, name))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def rank_dir_name(tp_rank, pp_rank, pp_size):
     """`mp_rank_XX` without pipelining, `mp_rank_XX_YYY` with it (Megatron's names)."""
     if pp_size == 1:
@@ -152,6 +174,8 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
         os.makedirs(root, exist_ok=True)
         # A leftover from a crash while saving this iteration before.
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        # ...and those of other iterations, which nothing would ever remove.
+        _remove_stale_tmp_dirs(root, iteration)
     _barrier()
     rank_dir = os.path.join(tmp_dir, _my_rank_dir_name())
     rng_states = _gather_rng_states_over_dp()
@@ -343,11 +367,11 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
     if iteration is None:
         print_rank_0(f"no checkpoint under {root} ({LATEST} absent): starting from scratch")
         return 0, 0
-    rank_dir = os.path.join(iteration_dir(root, iteration), _my_rank_dir_name())
+    it_dir = existing_iteration_dir(root, iteration)
+    rank_dir = os.path.join(it_dir, _my_rank_dir_name())
     path = os.path.join(rank_dir, MODEL_FILE)
     if not os.path.isfile(path):
         present = []
-        it_dir = iteration_dir(root, iteration)
         if os.path.isdir(it_dir):
             present = sorted(os.listdir(it_dir))
         raise CheckpointError(
@@ -377,6 +401,6 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
         states = saved["rng_state"]
         dp_rank = mpu.get_data_parallel_rank()
         set_rng_state(states[dp_rank] if dp_rank < len(states) else states[0])
-    print_rank_0(f"loaded checkpoint {iteration_dir(root, iteration)} (iteration {iteration}, "
+    print_rank_0(f"loaded checkpoint {it_dir} (iteration {iteration}, "
                  f"consumed samples {saved['consumed_samples']})")
     return saved["iteration"], saved["consumed_samples"]

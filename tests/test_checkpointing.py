@@ -106,3 +106,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     state = torch.load(os.path.join(save, f"iter_{it:07d}", "mp_rank_00", "model_optim_rng.pt"),
                        weights_only=True)
     assert state["iteration"] == it and state["consumed_samples"] == 8 * it
+
+
+def test_interrupted_resave_falls_back_to_old_and_stale_tmp_dirs_go(tmp_path, capsys):
+    root = str(tmp_path)
+    # A crash between the two renames of a second save of iteration 5.
+    os.makedirs(os.path.join(root, "iter_0000005.old", "mp_rank_00"))
+    with open(os.path.join(root, checkpointing.LATEST), "w") as f:
+        f.write("5\n")
+    assert checkpointing.existing_iteration_dir(root, 5) == os.path.join(root, "iter_0000005.old")
+    assert "iter_0000005.old" in capsys.readouterr().out
+    os.makedirs(os.path.join(root, "iter_0000007"))
+    assert checkpointing.existing_iteration_dir(root, 7) == os.path.join(root, "iter_0000007")
+    for name in ["iter_0000003.tmp", "iter_0000009.tmp"]:
+        os.makedirs(os.path.join(root, name, "mp_rank_00"))
+    checkpointing._remove_stale_tmp_dirs(root, 9)
+    assert sorted(os.listdir(root)) == ["iter_0000005.old", "iter_0000007", "iter_0000009.tmp",
+                                        checkpointing.LATEST]
