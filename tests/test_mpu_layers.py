@@ -341,3 +341,25 @@ def test_params_dtype_and_keyword_only_arguments():
     with pytest.raises(TypeError):
         mpu.ColumnParallelLinear(8, 4, True, init_method=_init_normal)
 
+
+
+def test_per_call_skip_bias_add_overrides_the_constructor():
+    """The model skips the bias add per call (only where a fused op adds it); at TP=1 a
+    RowParallelLinear that adds its bias does so inside the GEMM, with the same values."""
+    torch.manual_seed(8)
+    row = mpu.RowParallelLinear(H_OUT, H_IN, input_is_parallel=True, init_method=_init_normal,
+                                skip_bias_add=True)
+    with torch.no_grad():
+        row.bias.copy_(_randn(51, H_IN))
+    x = _randn(52, S, B, H_OUT).requires_grad_()
+    skipped, bias = row(x)
+    assert bias is row.bias
+    added, none = row(x, skip_bias_add=False)
+    assert none is None
+    ref = F.linear(x, row.weight, row.bias)
+    assert _err(added, ref) <= ATOL and _err(skipped + bias, ref) <= ATOL
+    added.sum().backward()
+    assert _err(row.bias.grad, torch.full((H_IN,), float(S * B))) <= ATOL
+    col = mpu.ColumnParallelLinear(H_IN, H_OUT, init_method=_init_normal, skip_bias_add=False)
+    y, none = col(ref.detach(), skip_bias_add=True)
+    assert none is col.bias and _err(y, F.linear(ref.detach(), col.weight)) <= ATOL

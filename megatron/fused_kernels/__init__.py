@@ -7,13 +7,13 @@ memory-efficient attention); on CPU they use whichever path measured faster
 ``MEGATRON_FUSED_KERNELS=reference`` forces the references everywhere.
 """
 from .attention import core_attention, core_attention_reference, core_attention_sdpa
-from .bias_dropout_add import bias_dropout_add, bias_dropout_add_reference
-from .bias_gelu import bias_gelu, bias_gelu_compiled, bias_gelu_reference
+from .bias_dropout_add import bias_dropout_add, bias_dropout_add_fuses, bias_dropout_add_reference
+from .bias_gelu import bias_gelu, bias_gelu_compiled, bias_gelu_fuses, bias_gelu_reference
 from .layer_norm import LayerNorm, layer_norm, layer_norm_reference
 
 __all__ = [
-    "bias_gelu", "bias_gelu_reference", "bias_gelu_compiled",
-    "bias_dropout_add", "bias_dropout_add_reference",
+    "bias_gelu", "bias_gelu_reference", "bias_gelu_compiled", "bias_gelu_fuses",
+    "bias_dropout_add", "bias_dropout_add_reference", "bias_dropout_add_fuses",
     "core_attention", "core_attention_reference", "core_attention_sdpa",
     "LayerNorm", "layer_norm", "layer_norm_reference",
 ]

@@ -13,7 +13,8 @@ class ParallelAttention(torch.nn.Module):
     ``selective_recompute`` runs the attention core (scores, softmax, dropout,
     weighted sum: the activations that grow with s^2) under
     ``mpu.checkpoint``, recomputing it in backward instead of storing it.
-    ``forward`` returns (output, bias) with the ``dense`` bias not yet added.
+    ``forward`` returns (output, bias): the ``dense`` bias not yet added where a fused
+    bias-dropout-add will add it (CUDA), else None (added inside the GEMM).
     """
 
     def __init__(self, hidden_size, num_attention_heads, attention_dropout, init_method,
@@ -59,4 +60,4 @@ class ParallelAttention(torch.nn.Module):
         else:
             context = self._core(q, k, v)
         context = context.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
-        return self.dense(context)
+        return self.dense(context, skip_bias_add=fused_kernels.bias_dropout_add_fuses(context))

@@ -9,9 +9,10 @@ class ParallelMLP(torch.nn.Module):
 
     ``dense_h_to_4h`` keeps its output split (no communication); GeLU acts on
     each rank's slice; ``dense_4h_to_h`` takes the split input and reduces
-    (all-reduce, or reduce-scatter with sequence parallelism). Both skip their
-    bias add so that bias+GeLU and bias+dropout+add can run fused. ``forward``
-    returns (output, bias) with the bias of ``dense_4h_to_h`` not yet added.
+    (all-reduce, or reduce-scatter with sequence parallelism). Where bias+GeLU
+    and bias+dropout+add run fused (CUDA) both skip their bias add for them.
+    ``forward`` returns (output, bias): the bias of ``dense_4h_to_h`` not yet
+    added, or None when it was.
     """
 
     def __init__(self, hidden_size, ffn_hidden_size, init_method, output_init_method,
@@ -27,6 +28,9 @@ class ParallelMLP(torch.nn.Module):
 
     def forward(self, hidden_states):
         """[s(/tp), b, h] -> ([s(/tp), b, h], bias [h])."""
-        x, bias = self.dense_h_to_4h(hidden_states)
+        # Each bias is left out of its GEMM only when a fused op will add it (CUDA);
+        # otherwise it is added inside the GEMM, which costs nothing extra.
+        x, bias = self.dense_h_to_4h(hidden_states,
+                                     skip_bias_add=fused_kernels.bias_gelu_fuses(hidden_states))
         x = fused_kernels.bias_gelu(bias, x)
-        return self.dense_4h_to_h(x)
+        return self.dense_4h_to_h(x, skip_bias_add=fused_kernels.bias_dropout_add_fuses(x))

@@ -154,10 +154,13 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, input_):
+    def forward(self, input_, skip_bias_add=None):
         """``input_`` ``[..., input_size]`` (``[s / tp, b, h]`` with sequence
-        parallelism) -> ``(output, bias)``."""
-        bias = None if self.skip_bias_add else self.bias
+        parallelism) -> ``(output, bias)``. ``skip_bias_add`` overrides the
+        constructor's choice for this call (the model skips only when a fused
+        op will add the bias; otherwise the bias is added inside the GEMM)."""
+        skip = self.skip_bias_add if skip_bias_add is None else skip_bias_add
+        bias = None if skip else self.bias
         if self.sequence_parallel:
             # Gather + matmul in one autograd Function that keeps only the
             # local shard for backward (re-gathered there), not [s, b, h].
@@ -167,7 +170,7 @@ class ColumnParallelLinear(torch.nn.Module):
             output_parallel = F.linear(input_parallel, self.weight, bias)
         output = gather_from_tensor_model_parallel_region(output_parallel) \
             if self.gather_output else output_parallel
-        return output, (self.bias if self.skip_bias_add else None)
+        return output, (self.bias if skip else None)
 
     def extra_repr(self):
         return (f"input_size={self.input_size}, output_size={self.output_size}, "
@@ -198,6 +201,7 @@ class RowParallelLinear(torch.nn.Module):
         self.input_size_per_partition = _divide_by_tp(input_size, world_size,
                                                       "RowParallelLinear input_size")
         self.input_is_parallel = input_is_parallel
+        self.tp_world_size = world_size
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = sequence_parallel
         self.weight = _sharded_parameter((output_size, input_size), 1, init_method,
@@ -211,19 +215,24 @@ class RowParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, input_):
+    def forward(self, input_, skip_bias_add=None):
         """``input_`` ``[..., input_size / tp]`` (or the full ``[..., input_size]``
-        unless ``input_is_parallel``) -> ``(output, bias)``."""
+        unless ``input_is_parallel``) -> ``(output, bias)``. ``skip_bias_add``
+        overrides the constructor's choice for this call."""
+        skip = self.skip_bias_add if skip_bias_add is None else skip_bias_add
         input_parallel = input_ if self.input_is_parallel \
             else scatter_to_tensor_model_parallel_region(input_)
-        output_parallel = F.linear(input_parallel, self.weight)
+        # With one TP rank nothing is summed, so the bias goes inside the GEMM (addmm):
+        # one pass over the output fewer. With several it must follow the reduction.
+        fold_bias = not skip and self.bias is not None and self.tp_world_size == 1
+        output_parallel = F.linear(input_parallel, self.weight, self.bias if fold_bias else None)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel)
         else:
             output = reduce_from_tensor_model_parallel_region(output_parallel)
-        if self.skip_bias_add:
+        if skip:
             return output, self.bias
-        if self.bias is not None:
+        if self.bias is not None and not fold_bias:
             output = output + self.bias
         return output, None
 
