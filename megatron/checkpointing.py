@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from megatron.logging import print_rank_0
-from megatron.utils import unwrap_model
+from megatron.utils import fail_together, unwrap_model
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -101,11 +101,6 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 # ---------------------------------------------------------------- RNG states
 def get_rng_state():
     """Every RNG state of this process as tensors/lists (weights_only-loadable)."""
@@ -170,59 +165,64 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        # A leftover from a crash while saving this iteration before.
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        # ...and those of other iterations, which nothing would ever remove.
-        _remove_stale_tmp_dirs(root, iteration)
-    _barrier()
+    # Each step that may fail on some ranks only (a full disk, a permission) is left by
+    # every rank together, so a failed save raises everywhere instead of hanging the
+    # other ranks; the previous checkpoint stays the loadable one.
+    what = f"saving the checkpoint of iteration {iteration} to {root}"
+    with fail_together(what):
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            # A leftover from a crash while saving this iteration before.
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            # ...and those of other iterations, which nothing would ever remove.
+            _remove_stale_tmp_dirs(root, iteration)
     rank_dir = os.path.join(tmp_dir, _my_rank_dir_name())
     rng_states = _gather_rng_states_over_dp()
     dp_rank = mpu.get_data_parallel_rank()
     sharded = bool(getattr(optimizer, "is_sharded", False))
-    if dp_rank == 0:
-        os.makedirs(rank_dir, exist_ok=True)
-        state = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "config": cfg.to_dict(),
-            "parallel": {
-                "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
-                "virtual_pipeline_model_parallel_size": len(model_chunks),
-                "data_parallel_size": mpu.get_data_parallel_world_size(),
-            },
-            "rng_state": rng_states,
-            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
-        }
-        state.update(_model_state(model_chunks))
-        if optimizer is not None and not sharded:
-            state["optimizer"] = optimizer.state_dict()
-        if extra:
-            state["extra"] = extra
-        _atomic_torch_save(state, os.path.join(rank_dir, MODEL_FILE))
+    with fail_together(what):
+        if dp_rank == 0:
+            os.makedirs(rank_dir, exist_ok=True)
+            state = {
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                "config": cfg.to_dict(),
+                "parallel": {
+                    "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
+                    "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+                    "virtual_pipeline_model_parallel_size": len(model_chunks),
+                    "data_parallel_size": mpu.get_data_parallel_world_size(),
+                },
+                "rng_state": rng_states,
+                "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            }
+            state.update(_model_state(model_chunks))
+            if optimizer is not None and not sharded:
+                state["optimizer"] = optimizer.state_dict()
+            if extra:
+                state["extra"] = extra
+            _atomic_torch_save(state, os.path.join(rank_dir, MODEL_FILE))
     if sharded:
-        _barrier()  # the directory exists once DP rank 0 has made it
-        os.makedirs(rank_dir, exist_ok=True)
-        _atomic_torch_save(optimizer.state_dict(),
-                           os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt"))
-    _barrier()
-    if rank == 0:
-        if os.path.isdir(final_dir):
-            # Saving an iteration again (e.g. SIGTERM right after a periodic save).
-            old = final_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-        _atomic_write_text(os.path.join(root, LATEST), f"{iteration}\n")
-        if cfg.checkpoint.keep_last_n:
-            prune_checkpoints(root, cfg.checkpoint.keep_last_n, keep=iteration)
-    _barrier()
+        # After the block above: the directory exists once DP rank 0 has made it.
+        with fail_together(what):
+            os.makedirs(rank_dir, exist_ok=True)
+            _atomic_torch_save(optimizer.state_dict(),
+                               os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt"))
+    with fail_together(what):
+        if rank == 0:
+            if os.path.isdir(final_dir):
+                # Saving an iteration again (e.g. SIGTERM right after a periodic save).
+                old = final_dir + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final_dir, old)
+                os.replace(tmp_dir, final_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp_dir, final_dir)
+            _atomic_write_text(os.path.join(root, LATEST), f"{iteration}\n")
+            if cfg.checkpoint.keep_last_n:
+                prune_checkpoints(root, cfg.checkpoint.keep_last_n, keep=iteration)
     print_rank_0(f"saved checkpoint at iteration {iteration} to {final_dir}")
 
 

@@ -13,7 +13,8 @@ from megatron import checkpointing
 from megatron.config import finalize
 from megatron.initialize import initialize_megatron, world_size_from_env
 from megatron.logging import TensorBoardWriter, Timers, is_last_rank, print_rank_0, print_rank_last
-from megatron.utils import DTYPES, average_over_data_parallel, calc_params_l2_norm, generate_sample
+from megatron.utils import (DTYPES, average_over_data_parallel, calc_params_l2_norm, fail_together,
+                            generate_sample)
 
 
 class TrainingError(RuntimeError):
@@ -350,16 +351,17 @@ def _build_datasets(cfg, datasets_provider):
     read by every other rank.
     """
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0 and cfg.data.preprocess_input:
-        from megatron.data.preprocess import ensure_preprocessed
-        ensure_preprocessed(cfg.data, cfg.tokenizer)
     datasets = None
-    if rank == 0:
-        datasets = datasets_provider(cfg, _num_samples(cfg))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank != 0:
-        datasets = datasets_provider(cfg, _num_samples(cfg))
+    # A failure on one rank (a bad data path, a full disk) raises on every rank.
+    with fail_together("building the datasets"):
+        if rank == 0:
+            if cfg.data.preprocess_input:
+                from megatron.data.preprocess import ensure_preprocessed
+                ensure_preprocessed(cfg.data, cfg.tokenizer)
+            datasets = datasets_provider(cfg, _num_samples(cfg))
+    with fail_together("building the datasets"):
+        if rank != 0:
+            datasets = datasets_provider(cfg, _num_samples(cfg))
     return datasets
 
 
@@ -393,8 +395,9 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         scheduler = build_scheduler(cfg, optimizer)
         iteration, consumed = 0, 0
         if cfg.checkpoint.load:
-            iteration, consumed = checkpointing.load_checkpoint(cfg, model_chunks, optimizer,
-                                                                scheduler)
+            with fail_together("loading the checkpoint"):
+                iteration, consumed = checkpointing.load_checkpoint(cfg, model_chunks, optimizer,
+                                                                    scheduler)
         # Building datasets and data-loader iterators may draw from the global
         # RNGs; keep the (restored) states so a resumed run continues exactly.
         rng_state = checkpointing.get_rng_state()

@@ -3,6 +3,7 @@
 No C++ extension: every array is built with whole-array numpy operations, except
 the blending greedy, which is sequential by nature and runs as a tight loop.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -188,6 +189,20 @@ def description_hash(description):
     return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
+def _build_missing(cache_dir, paths, build):
+    """Build and save the arrays unless every file exists; True when built."""
+    if all(os.path.isfile(p) for p in paths.values()):
+        return False
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the index cache directory {cache_dir}: {e.strerror}") from None
+    arrays = build()
+    for key, path in paths.items():
+        save_npy_atomic(path, arrays[key])
+    return True
+
+
 def save_npy_atomic(path, array):
     """Write ``array`` to ``path`` under a temporary name, then rename it into place."""
     directory = os.path.dirname(path) or "."
@@ -203,7 +218,7 @@ def save_npy_atomic(path, array):
 
 
 def _distributed():
-    """(rank, barrier) when torch.distributed is initialized, else None.
+    """The global rank when torch.distributed is initialized, else None.
 
     torch is only consulted when something already imported it: a process that never
     imported torch cannot have a process group, and importing it would cost start-up.
@@ -214,34 +229,33 @@ def _distributed():
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    return dist.get_rank(), dist.barrier
+    return dist.get_rank()
 
 
 def cached_arrays(cache_dir, file_names, build):
     """Load the arrays ``file_names`` (dict key -> file name) from ``cache_dir``, building them if absent.
 
     ``build()`` returns a dict of arrays with the same keys. When torch.distributed is
-    initialized, rank 0 builds and saves while the other ranks wait at a barrier, then
-    every rank memory-maps the files. Returns ``(arrays, built)``.
+    initialized, rank 0 builds and saves while the other ranks wait, then every rank
+    memory-maps the files; if rank 0 fails, every rank raises (``utils.fail_together``)
+    instead of the others waiting until the timeout. Returns ``(arrays, built)``.
     """
     paths = {key: os.path.join(cache_dir, name) for key, name in file_names.items()}
-    dist = _distributed()
+    rank = _distributed()
+    def together(what):
+        if rank is None:
+            return contextlib.nullcontext()
+        from megatron.utils import fail_together
+        return fail_together(f"{what} {cache_dir}")
+
     built = False
-    if dist is None or dist[0] == 0:
-        if not all(os.path.isfile(p) for p in paths.values()):
-            try:
-                os.makedirs(cache_dir, exist_ok=True)
-            except OSError as e:
-                raise OSError(f"cannot create the index cache directory {cache_dir}: {e.strerror}") from None
-            arrays = build()
-            for key, path in paths.items():
-                save_npy_atomic(path, arrays[key])
-            del arrays
-            built = True
-    if dist is not None:
-        dist[1]()
-    missing = [p for p in paths.values() if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"index cache files missing after the build: {', '.join(missing)} "
-                                f"(is {cache_dir} shared by every rank?)")
-    return {key: np.load(path, mmap_mode="r", allow_pickle=False) for key, path in paths.items()}, built
+    with together("building the index cache in"):
+        if rank is None or rank == 0:
+            built = _build_missing(cache_dir, paths, build)
+    with together("reading the index cache in"):
+        missing = [p for p in paths.values() if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"index cache files missing after the build: {', '.join(missing)} "
+                                    f"(is {cache_dir} shared by every rank?)")
+        arrays = {key: np.load(path, mmap_mode="r", allow_pickle=False) for key, path in paths.items()}
+    return arrays, built
