@@ -172,3 +172,22 @@ def test_large_logits_stay_finite():
 def test_target_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"target shape \(3,\)"):
         mpu.vocab_parallel_cross_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_inplace_gives_the_same_loss_and_grad_bit_for_bit():
+    """``inplace=True`` (the model's path) overwrites fp32 logits instead of copying them;
+    loss and gradient are identical to the copying path, in fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 5, 11, generator=torch.Generator().manual_seed(3)).to(dtype)
+        target = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(4))
+        results = []
+        for inplace in (False, True):
+            leaf = x.clone().requires_grad_()
+            logits = leaf * 1  # a non-leaf temporary, as the model's logits are
+            loss = mpu.vocab_parallel_cross_entropy(logits, target, inplace=inplace)
+            (loss * torch.arange(30.0).view(6, 5)).sum().backward()
+            results.append((loss.detach(), leaf.grad, logits.detach().clone()))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+        # The copying path leaves the caller's logits alone; the in-place one reuses fp32 ones.
+        assert torch.equal(results[0][2], x)
+        assert torch.equal(results[1][2], x) == (dtype != torch.float32)

@@ -173,8 +173,10 @@ class GPTModel(torch.nn.Module):
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        # The cross entropy upcasts to fp32 itself, without a second copy of the logits.
-        loss = mpu.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
+        # The cross entropy upcasts to fp32 itself; fp32 logits, a temporary nothing
+        # else reads (the matmul's backward does not need its output), are reused in place.
+        loss = mpu.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                                inplace=True)
         return loss.transpose(0, 1).contiguous()
 
     def _mask_padded_vocab(self, logits):

@@ -15,7 +15,7 @@ from .utils import vocab_range_from_per_partition_vocab_size
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vocab_parallel_logits, target):
+    def forward(ctx, vocab_parallel_logits, target, inplace):
         group = parallel_state.get_tensor_model_parallel_group()
         world_size = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
@@ -28,7 +28,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits_max = vocab_parallel_logits.detach().max(dim=-1)[0].float()
         if world_size > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        logits = vocab_parallel_logits.float() - logits_max.unsqueeze(-1)
+        if inplace and vocab_parallel_logits.dtype == torch.float32:
+            # The caller's temporary becomes the softmax: no second [tokens, V/tp] buffer.
+            logits = vocab_parallel_logits.sub_(logits_max.unsqueeze(-1))
+        else:
+            logits = vocab_parallel_logits.float() - logits_max.unsqueeze(-1)
 
         partition_vocab_size = logits.size(-1)
         vocab_start, vocab_end = vocab_range_from_per_partition_vocab_size(partition_vocab_size, rank)
@@ -59,12 +63,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         on_this_rank = (~target_outside).to(grad_input.dtype)
         grad_input.scatter_add_(-1, local_target.unsqueeze(-1), -on_this_rank.unsqueeze(-1))
         grad_input.mul_(grad_output.unsqueeze(-1).to(grad_input.dtype))
-        return grad_input.to(ctx.input_dtype), None
+        return grad_input.to(ctx.input_dtype), None, None
 
 
-def vocab_parallel_cross_entropy(vocab_parallel_logits, target):
+def vocab_parallel_cross_entropy(vocab_parallel_logits, target, inplace=False):
     """Per-token cross entropy (fp32, shape of ``target``) from logits
     ``[..., V / tp]`` holding this rank's vocabulary slice and ``target`` ids
     ``[...]`` in the full vocabulary. Computed in fp32 whatever the logits dtype.
+    ``inplace``: fp32 logits are overwritten (with the softmax) instead of copied,
+    for a caller whose logits are a temporary that nothing else reads (the model's).
     """
-    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target)
+    return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, inplace)
