@@ -153,8 +153,8 @@ def _log_eval(name, iteration, consumed, loss, writer):
     ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
     line = f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
     print_rank_last("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-    writer.add_scalar("lm loss validation", loss, iteration, consumed)
-    writer.add_scalar("lm loss validation ppl", ppl, iteration, consumed)
+    writer.add_scalar(f"lm loss {name}", loss, iteration, consumed)
+    writer.add_scalar(f"lm loss {name} ppl", ppl, iteration, consumed)
 
 
 def _step_scalars(loss_dicts, is_last_stage, exit_signal, start_time, cfg, device):
@@ -373,7 +373,8 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
     Returns a dict with `iteration`, `consumed_samples`, `train_losses` and
     `valid_losses` (iteration -> loss, on the last pipeline stage), `grad_norms`
     (iteration -> global grad norm before clipping, every rank; None when
-    clipping is off), `exit_reason`.
+    clipping is off), `exit_reason`, and `test_loss` when the run finished and has a
+    test split (evaluated once, after the final save).
     """
     from megatron import mpu
     from megatron.optimizer import get_megatron_optimizer
@@ -416,6 +417,11 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
             if ck.save and it > 0 and _on_rank_0(
                     lambda: checkpointing.read_latest_iteration(ck.save) != it, device):
                 checkpointing.save_checkpoint(cfg, it, consumed, model_chunks, optimizer, scheduler)
+            if test_f is not None and it > 0 and cfg.training.eval_iters > 0:
+                # Once, on the held-out test split, after the final save.
+                tloss = evaluate(cfg, forward_step_func, test_f, model_chunks, device)
+                history["test_loss"] = tloss
+                _log_eval("test", it, consumed, tloss, writer)
             if (tokenizer is not None and cfg.training.sample_prompt
                     and mpu.get_pipeline_model_parallel_world_size() == 1):
                 text = generate_sample(model_chunks[0], tokenizer, cfg.training.sample_prompt,

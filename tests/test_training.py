@@ -80,8 +80,13 @@ def _nan_forward_step(data_iterator, model):
 def _single_rank_runs(workdir):
     prefix = make_corpus(os.path.join(workdir, "corpus"))
     tb = os.path.join(workdir, "tb")
-    full = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40,
+    full = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40, "data.split": "80,10,10",
                                                   "logging.tensorboard_dir": tb}))
+    ck = os.path.join(workdir, "ck_duration")
+    timed_out = run_pretrain(tiny_overrides(prefix, **{"training.exit_duration_in_mins": 1e-9,
+                                                       "checkpoint.save": ck}))
+    from megatron import checkpointing
+    timed_out["checkpoints"] = checkpointing.list_checkpoints(ck)
     nan_error = None
     from megatron.training import TrainingError
     try:
@@ -89,12 +94,12 @@ def _single_rank_runs(workdir):
                      forward_step=_nan_forward_step)
     except TrainingError as e:
         nan_error = str(e)
-    return {"full": full, "nan_error": nan_error}
+    return {"full": full, "nan_error": nan_error, "timed_out": timed_out}
 
 
 def _dp2_run(workdir):
     prefix = os.path.join(workdir, "corpus")
-    return run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40,
+    return run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40, "data.split": "80,10,10",
                                                   "training.exit_interval": 10}))
 
 
@@ -115,6 +120,17 @@ def test_loss_falls_and_validation_runs(single):
     valid = result["full"]["valid_losses"]
     assert sorted(valid) == [0, 10, 20, 30, 40]
     assert valid[0] > 0.9 * math.log(VOCAB) and valid[40] < valid[10] < valid[0]
+    # The test split is evaluated once at the end: other documents, a similar loss.
+    test = result["full"]["test_loss"]
+    assert test != valid[40] and abs(test - valid[40]) < 0.2 * valid[40], (test, valid[40])
+
+
+def test_exit_duration_saves_and_exits(single):
+    _, result = single
+    r = result["timed_out"]
+    assert "exit_duration_in_mins" in r["exit_reason"] and r["iteration"] == 1
+    assert sorted(r["train_losses"]) == [1] and "test_loss" not in r
+    assert r["checkpoints"] == [1]
 
 
 def test_tensorboard_scalars(single):
@@ -123,7 +139,8 @@ def test_tensorboard_scalars(single):
     acc = EventAccumulator(os.path.join(workdir, "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ["lm loss", "lm loss validation", "lm loss validation ppl", "learning-rate",
+    for tag in ["lm loss", "lm loss validation", "lm loss validation ppl", "lm loss test",
+                "lm loss test ppl", "learning-rate",
                 "grad-norm", "tokens-per-sec", "iteration-time", "params-norm", "loss-scale",
                 "skipped-iterations"]:
         assert tag in tags and f"{tag} vs samples" in tags, tag
