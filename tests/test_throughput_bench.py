@@ -47,3 +47,20 @@ def test_throughput_bad_config_is_one_line():
     proc = _run([os.path.join(ROOT, "configs", "no_such.yaml")])
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no_such.yaml" in proc.stderr
+
+
+def test_adamw_bench_times_every_kind_on_the_models_parameter_shapes():
+    import baseline_gpt2
+    from adamw import gpt_shapes
+    # The shapes are a GPT-2's: the hand-written model's parameters, in count and size.
+    model = baseline_gpt2.GPT(64, 8, 2, 2, 16)
+    assert sorted(gpt_shapes(2, 16, 64, 8)) == sorted(tuple(p.shape) for p in model.parameters())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "adamw.py"), "--layers", "2",
+                           "--hidden", "16", "--vocab", "64", "--seq", "8", "--repeats", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
+    assert list(figures) == ["fused_ms", "foreach_ms", "single_ms", "params_m"]
+    assert all(float(figures[k]) > 0 for k in ("fused_ms", "foreach_ms", "single_ms"))
+    assert float(figures["params_m"]) == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
