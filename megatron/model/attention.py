@@ -51,8 +51,10 @@ class ParallelAttention(torch.nn.Module):
         qkv, _ = self.query_key_value(hidden_states)
         s, b = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)
-        # [s, b, np, 3, hn] -> 3 x [b, np, s, hn]
-        q, k, v = qkv.permute(3, 1, 2, 0, 4).unbind(0)
+        # [s, b, np, 3, hn] -> 3 x [b, np, s, hn]. Unbind first, then permute: backward
+        # then stacks the three grads straight into the [s, b, np, 3, hn] layout (one
+        # copy); permuting first would stack them as [3, b, np, s, hn] and copy again.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.unbind(3))
         if inference_params is not None:
             k, v = inference_params.update(self, k, v)
         if self.selective_recompute and self.training and torch.is_grad_enabled():
