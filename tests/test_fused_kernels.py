@@ -168,6 +168,20 @@ def test_forced_reference_env(monkeypatch):
     bias, x = _leaves(torch.float32, (6,), (4, 6))
     monkeypatch.setenv("MEGATRON_FUSED_KERNELS", "reference")
     torch.testing.assert_close(fk.bias_gelu(bias, x), fk.bias_gelu_reference(bias, x))
+    # Forced references never claim to fuse, so the model adds biases inside its GEMMs.
+    assert not fk.bias_gelu_fuses(x) and not fk.bias_dropout_add_fuses(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_bias_ops_are_plain_gelu_and_residual_add(device):
+    """bias=None (the bias went into the GEMM) on every path; fusing is claimed on CUDA only."""
+    x, residual = _leaves(torch.float32, (4, 6), (4, 6), device=device)
+    torch.testing.assert_close(fk.bias_gelu(None, x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    torch.testing.assert_close(fk.bias_dropout_add(x, None, residual, 0.0, True), residual + x,
+                               rtol=0, atol=0)
+    assert fk.bias_dropout_add_fuses(x) == (device == "cuda")
+    if device == "cpu":
+        assert not fk.bias_gelu_fuses(x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

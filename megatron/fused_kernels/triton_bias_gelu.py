@@ -20,7 +20,8 @@ def _tanh(z):
 
 @triton.jit
 def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, n_cols, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: tensors past 2**31 elements must not wrap around.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs % n_cols, mask=mask, other=0.0).to(tl.float32)
@@ -32,7 +33,8 @@ def _bias_gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, n_elements, n_cols, BLOCK: tl.con
 
 @triton.jit
 def _bias_gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, n_elements, n_cols, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: tensors past 2**31 elements must not wrap around.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs % n_cols, mask=mask, other=0.0).to(tl.float32)

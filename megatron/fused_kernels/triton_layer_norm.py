@@ -15,7 +15,7 @@ MAX_FUSED_SIZE = 65536
 @triton.jit
 def _ln_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, stride, n_cols, eps,
                    BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride may pass 2**31
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -37,7 +37,7 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr
     # Each program walks a band of rows: dx row by row, and the weight/bias
     # gradients summed over the band in fp32 (one partial row per program,
     # reduced afterwards), which avoids atomics and keeps the result deterministic.
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # row * stride may pass 2**31
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
