@@ -1,8 +1,9 @@
 """Resharding (tools/checkpoint_convert.py): a checkpoint trained by the training loop at
 TP=2 x PP=2, converted to TP=1 x PP=1 and TP=4 x PP=1 (each padding the vocabulary to a
 different size), gives the original loss on a fixed batch, and training resumes from it
-exactly as from the original (optimizer resharded); generation from it at TP=4 equals
-TP=1, with and without the key-value cache.
+exactly as from the original (optimizer resharded); the same through a virtual-pipeline
+layout (PP=2 x VP=2) and back; generation from it at TP=4 equals TP=1, with and without
+the key-value cache.
 
 One 4-process launch; plus single-process checks of the split/merge rules.
 """
@@ -88,7 +89,7 @@ def _convert_runs(workdir):
     from megatron.checkpoint_convert import convert_checkpoint
     rank = torch.distributed.get_rank()
     prefix = os.path.join(workdir, "corpus")
-    d = {k: os.path.join(workdir, k) for k in ("orig", "tp1", "tp4", "tp1_noopt")}
+    d = {k: os.path.join(workdir, k) for k in ("orig", "tp1", "tp4", "tp1_noopt", "vp", "from_vp")}
     if rank == 0:
         make_corpus(prefix)
     torch.distributed.barrier()
@@ -104,15 +105,20 @@ def _convert_runs(workdir):
         convert_checkpoint(d["orig"], d["tp1"], 1, 1, include_optimizer=True, **quiet)
         convert_checkpoint(d["orig"], d["tp4"], 4, 1, include_optimizer=True, **quiet)
         convert_checkpoint(d["orig"], d["tp1_noopt"], 1, 1, **quiet)
+        # Into a virtual-pipeline layout (PP=2 x VP=2: one layer per chunk) and out of it.
+        convert_checkpoint(d["tp1"], d["vp"], 1, 2, vp=2, include_optimizer=True, **quiet)
+        convert_checkpoint(d["vp"], d["from_vp"], 1, 1, **quiet)
     torch.distributed.barrier()
     losses = {"orig": _fixed_batch_loss(prefix, d["orig"], 2, 2),
               "tp1": _fixed_batch_loss(prefix, d["tp1"], 1, 1),
               "tp4": _fixed_batch_loss(prefix, d["tp4"], 4, 1),
-              "tp1_noopt": _fixed_batch_loss(prefix, d["tp1_noopt"], 1, 1)}
+              "tp1_noopt": _fixed_batch_loss(prefix, d["tp1_noopt"], 1, 1),
+              "from_vp": _fixed_batch_loss(prefix, d["from_vp"], 1, 1)}
     resumed = {}
-    for name, tp in (("tp4", 4), ("tp1", 1)):
-        resumed[name] = run_pretrain(_overrides(prefix, tp, 1, **{
-            "training.train_iters": 6, "checkpoint.load": d[name]}))["train_losses"]
+    for name, tp, pp, extra in (("tp4", 4, 1, {}), ("tp1", 1, 1, {}),
+                                ("vp", 1, 2, {"parallel.virtual_pipeline_model_parallel_size": 2})):
+        resumed[name] = run_pretrain(_overrides(prefix, tp, pp, **{
+            "training.train_iters": 6, "checkpoint.load": d[name], **extra}))["train_losses"]
         _reset_layout()
     # Generation from the TP=2 x PP=2 checkpoint at TP=1 and at TP=4 (merged and re-split
     # in memory), with and without the key-value cache.
@@ -125,6 +131,9 @@ def _convert_runs(workdir):
     files = None
     if rank == 0:
         files = {k: sorted(os.listdir(os.path.join(d[k], "iter_0000004"))) for k in d}
+        files["vp_chunks"] = sorted(k for k in torch.load(
+            os.path.join(d["vp"], "iter_0000004", "mp_rank_00_001", "model_optim_rng.pt"),
+            weights_only=True) if k.startswith("model"))
         files["rows"] = {k: _embedding_rows(d[k]) for k in ("orig", "tp1", "tp4")}
         f = torch.load(os.path.join(d["tp1_noopt"], "iter_0000004", "mp_rank_00", "model_optim_rng.pt"),
                        weights_only=True)
@@ -156,6 +165,8 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
     assert files["orig"] == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert files["tp1"] == ["mp_rank_00"]
     assert files["tp4"] == [f"mp_rank_{i:02d}" for i in range(4)]
+    assert files["vp"] == ["mp_rank_00_000", "mp_rank_00_001"] and files["from_vp"] == ["mp_rank_00"]
+    assert files["vp_chunks"] == ["model0", "model1"]
     assert files["noopt_has_optimizer"] is False
     assert files["noopt_parallel"]["tensor_model_parallel_size"] == 1
     # the layouts' padded vocabularies differ (the losses below agree all the same)
@@ -165,13 +176,17 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
     orig = [r["losses"]["orig"] for r in results if r["losses"]["orig"] is not None]
     assert len(orig) == 2 and orig[0] == orig[1]
     for r in results:
-        for name in ("tp1", "tp4", "tp1_noopt"):
+        for name in ("tp1", "tp4", "tp1_noopt", "from_vp"):
             assert r["losses"][name] == pytest.approx(orig[0], rel=1e-5), name
     # training resumes from the converted checkpoints as from the original
     straight = next(r["straight"] for r in results if r["straight"])
     assert sorted(straight) == [5, 6]
+    # (at PP=2 only the last stage's two DP ranks report losses)
+    assert sum(bool(r["resumed"]["vp"]) for r in results) == 2
     for r in results:
         for name, losses in r["resumed"].items():
+            if name == "vp" and not losses:
+                continue
             assert sorted(losses) == [5, 6], name
             for it in (5, 6):
                 assert losses[it] == pytest.approx(straight[it], rel=1e-5), (name, it)
