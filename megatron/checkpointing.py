@@ -306,45 +306,56 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
     """Load the checkpoint's optimizer state into `optimizer`; False when it holds none.
 
     A distributed optimizer takes its own shard at the same DP size, or the
-    list of every old DP rank's shard to re-shard at another DP size.
+    list of every old DP rank's shard to re-shard at another DP size. State of
+    the other optimizer kind (plain <-> distributed) is converted.
     """
     from megatron import mpu
+    from megatron.optimizer.state_conversion import distributed_to_plain, plain_to_distributed
     sharded = bool(getattr(optimizer, "is_sharded", False))
     shards = _shard_files(rank_dir)
     saved_dp = saved.get("parallel", {}).get("data_parallel_size")
-    if shards:
-        writer = (f"the distributed optimizer (parallel.distributed_optimizer=true, "
-                  f"{len(shards)} distrib_optim_dp_*.pt shards, data-parallel size {saved_dp})")
-    else:
-        writer = "the plain optimizer (parallel.distributed_optimizer=false)"
     if not shards and "optimizer" not in saved:
         return False
-    if sharded != bool(shards):
-        raise CheckpointError(
-            f"checkpoint {path} holds optimizer state written by {writer} but this run has "
-            f"parallel.distributed_optimizer={str(sharded).lower()}: resume with "
-            f"parallel.distributed_optimizer={str(not sharded).lower()}, or convert the checkpoint "
-            f"with tools/checkpoint_convert.py without --include-optimizer to start a fresh optimizer")
-    if not sharded:
-        try:
-            optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as e:  # e.g. fp32 masters that do not match this model
-            raise CheckpointError(f"checkpoint {path}: {e}") from None
-        return True
-    if sorted(shards) != list(range(saved_dp or 0)):
+    if shards and sorted(shards) != list(range(saved_dp or 0)):
         raise CheckpointError(f"checkpoint {rank_dir} is incomplete: it was saved at data-parallel "
                               f"size {saved_dp} but holds distributed-optimizer shards of DP ranks "
                               f"{sorted(shards)}")
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    where = rank_dir if shards else path
+    if sharded != bool(shards):
+        if shards:
+            writer = (f"the distributed optimizer (parallel.distributed_optimizer=true, "
+                      f"{len(shards)} distrib_optim_dp_*.pt shards, data-parallel size {saved_dp})")
+            target = "the plain optimizer"
+        else:
+            writer = "the plain optimizer (parallel.distributed_optimizer=false)"
+            target = f"the distributed optimizer at data-parallel size {dp}"
+        print_rank_0(f"converting the optimizer state of {where}, written by {writer}, "
+                     f"into {target}")
+        try:
+            if shards:
+                distributed_to_plain(optimizer, [_torch_load(shards[r]) for r in range(saved_dp)])
+            else:
+                plain_to_distributed(optimizer, saved["optimizer"])
+        except ValueError as e:  # what still cannot be converted, with the values involved
+            raise CheckpointError(
+                f"checkpoint {where} holds optimizer state written by {writer} that cannot be "
+                f"loaded into this run's parallel.distributed_optimizer={str(sharded).lower()}: "
+                f"{e}; resume with the settings it was saved with, or convert the checkpoint "
+                f"with tools/checkpoint_convert.py without --include-optimizer to start a fresh "
+                f"optimizer") from None
+        return True
     try:
-        if saved_dp == dp:  # exact resume: this rank's own shard
+        if not sharded:
+            optimizer.load_state_dict(saved["optimizer"])
+        elif saved_dp == dp:  # exact resume: this rank's own shard
             optimizer.load_state_dict(_torch_load(shards[dp_rank]))
         else:
             print_rank_0(f"re-sharding the distributed optimizer state of {rank_dir} from "
                          f"data-parallel size {saved_dp} to {dp}")
             optimizer.load_state_dict([_torch_load(shards[r]) for r in range(saved_dp)])
-    except ValueError as e:  # the optimizer's one-line mismatch messages
-        raise CheckpointError(f"checkpoint {rank_dir}: {e}") from None
+    except ValueError as e:  # the optimizer's one-line mismatch messages (e.g. fp32 masters)
+        raise CheckpointError(f"checkpoint {where}: {e}") from None
     return True
 
 

@@ -151,11 +151,9 @@ def test_resume_without_optimizer_state_resharded_and_wrong_kind(tmp_path):
     workdir = str(tmp_path)
     first = run_distributed(_dp2_source_runs, 2, workdir)[0]
     straight = first["straight"]
-    # (c) distributed-optimizer shards into a plain optimizer: one line naming both
-    msg = first["wrong_kind"]
-    assert msg is not None and "\n" not in msg, msg
-    assert "distributed optimizer" in msg and "data-parallel size 2" in msg and \
-        "parallel.distributed_optimizer=false" in msg and "checkpoint_convert" in msg, msg
+    # (c) distributed-optimizer shards into a plain optimizer: converted, no error
+    # (the converted state is checked in tests/test_optimizer_switch.py)
+    assert first["wrong_kind"] is None, first["wrong_kind"]
     # (a) no optimizer state: the loaded weights give about the straight run's loss
     # at N+1 (same weights in bf16, same batch), then a fresh Adam takes other steps;
     # without refreshed masters the first step would copy the initial weights back
@@ -172,6 +170,5 @@ def test_resume_without_optimizer_state_resharded_and_wrong_kind(tmp_path):
     # (same global batch; DP=1 vs DP=2 differ only by summation order)
     for i in range(N + 1, 2 * N + 1):
         assert second["resharded"][i] == pytest.approx(straight[i], rel=1e-5), (i, second, straight)
-    msg = second["wrong_kind"]
-    assert msg is not None and "\n" not in msg, msg
-    assert "plain optimizer" in msg and "parallel.distributed_optimizer=true" in msg, msg
+    # a plain checkpoint into a distributed optimizer: converted, no error
+    assert second["wrong_kind"] is None, second["wrong_kind"]

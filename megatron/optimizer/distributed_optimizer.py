@@ -62,6 +62,9 @@ class DistributedOptimizer(MegatronOptimizer):
                     master = shard if shard.dtype == torch.float32 else shard.detach().float()
                     self._entries[p] = _ShardEntry(p, buf, lo, hi, master)
 
+        # All model params in group order: the plain optimizer's inner indices
+        # (state_conversion maps a plain checkpoint through them).
+        self.model_params = [p for g in param_groups for p in g["params"]]
         master_groups = []
         for group in param_groups:
             masters = [self._entries[p].master for p in group["params"] if p in self._entries]
@@ -94,7 +97,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _layout(self):
         """Buffer sizes and this rank's slices, to check a checkpoint fits."""
-        return {"buffer_numels": [b.numel_unpadded for b in self._buffers],
+        return {"buffer_numels": self.buffer_numels(),
                 "slices": [(self._buffers.index(e.buffer), e.lo, e.hi) for e in self._order]}
 
     def state_dict(self):
@@ -141,43 +144,74 @@ class DistributedOptimizer(MegatronOptimizer):
         """Rebuild whole fp32 params and Adam moments (in buffer coordinates,
         which do not depend on DP) from every saved shard, then take this
         rank's slices of them."""
-        shards = sorted(shards, key=lambda sd: sd.get("data_parallel_rank", -1))
-        old_dp = shards[0].get("data_parallel_size") if shards else None
-        ranks = [sd.get("data_parallel_rank") for sd in shards]
-        if old_dp is None or ranks != list(range(old_dp)):
-            raise ValueError(f"re-sharding the distributed optimizer needs the shards of all "
-                             f"{old_dp} data-parallel ranks, got ranks {ranks}")
-        numels = [b.numel_unpadded for b in self._buffers]
-        for sd in shards:
-            if list(sd.get("buffer_numels", [])) != numels:
-                raise ValueError(f"distributed optimizer checkpoint's gradient buffers "
-                                 f"{list(sd.get('buffer_numels', []))} do not match this "
-                                 f"model's {numels}")
-        full = {k: [torch.zeros(n, dtype=torch.float32) for n in numels]
-                for k in ("param", "exp_avg", "exp_avg_sq")}
-        step = None
-        for sd in shards:
-            state = sd["optimizer"]["state"]
-            for k, (b, lo, hi) in enumerate(sd["slices"]):
-                full["param"][b][lo:hi] = sd["shard_fp32_params"][k].cpu()
-                if k in state:
-                    full["exp_avg"][b][lo:hi] = state[k]["exp_avg"].cpu()
-                    full["exp_avg_sq"][b][lo:hi] = state[k]["exp_avg_sq"].cpu()
-                    step = state[k]["step"]
+        self.load_full_state(full_state_from_shards(shards, self.buffer_numels()))
+
+    def buffer_numels(self):
+        """Unpadded sizes of the grad buffers (buffer coordinates of the full state)."""
+        return [b.numel_unpadded for b in self._buffers]
+
+    @torch.no_grad()
+    def load_full_state(self, full):
+        """Load this rank's slices of a ``full_state_from_shards``-style dict: whole
+        fp32 params / Adam moments per buffer, one step count, param groups, scaler."""
         new_state = {}
         for k, e in enumerate(self._order):
             b = self._buffers.index(e.buffer)
-            if step is not None:  # every slice is stepped together, so one count fits all
-                new_state[k] = {"step": step.clone() if torch.is_tensor(step) else step,
+            if full["step"] is not None:  # every slice is stepped together: one count fits all
+                new_state[k] = {"step": _clone(full["step"]),
                                 "exp_avg": full["exp_avg"][b][e.lo:e.hi].clone(),
                                 "exp_avg_sq": full["exp_avg_sq"][b][e.lo:e.hi].clone()}
-        groups = []
-        for mine, saved in zip(self.optimizer.state_dict()["param_groups"],
-                               shards[0]["optimizer"]["param_groups"]):
-            groups.append({**saved, "params": mine["params"]})
-        self.optimizer.load_state_dict({"state": new_state, "param_groups": groups})
-        self._load_scaler_state(shards[0].get("grad_scaler"))
+        self.optimizer.load_state_dict(
+            {"state": new_state, "param_groups": merge_param_groups(self.optimizer,
+                                                                    full["param_groups"])})
+        self._load_scaler_state(full["grad_scaler"])
         for e in self._order:
             b = self._buffers.index(e.buffer)
             e.master.copy_(full["param"][b][e.lo:e.hi])
         self._copy_main_params_to_model_params()
+
+
+def _clone(x):
+    return x.clone() if torch.is_tensor(x) else x
+
+
+def merge_param_groups(inner, saved_groups):
+    """``inner``'s param groups (its param ids) with the saved hyperparameters (lr, ...)."""
+    mine = inner.state_dict()["param_groups"]
+    if len(mine) != len(saved_groups):
+        raise ValueError(f"optimizer checkpoint has {len(saved_groups)} param groups but this "
+                         f"optimizer has {len(mine)}")
+    return [{**saved, "params": m["params"]} for m, saved in zip(mine, saved_groups)]
+
+
+@torch.no_grad()
+def full_state_from_shards(shards, numels):
+    """Whole fp32 params and Adam moments, one flat tensor per grad buffer of
+    ``numels`` elements, rebuilt from the state dicts of *every* DP rank of a
+    distributed optimizer; with the step count (None if never stepped), the
+    saved param groups and the scaler state."""
+    shards = sorted(shards, key=lambda sd: sd.get("data_parallel_rank", -1))
+    old_dp = shards[0].get("data_parallel_size") if shards else None
+    ranks = [sd.get("data_parallel_rank") for sd in shards]
+    if old_dp is None or ranks != list(range(old_dp)):
+        raise ValueError(f"re-sharding the distributed optimizer needs the shards of all "
+                         f"{old_dp} data-parallel ranks, got ranks {ranks}")
+    numels = list(numels)
+    for sd in shards:
+        if list(sd.get("buffer_numels", [])) != numels:
+            raise ValueError(f"distributed optimizer checkpoint's gradient buffers "
+                             f"{list(sd.get('buffer_numels', []))} do not match this "
+                             f"model's {numels}")
+    full = {k: [torch.zeros(n, dtype=torch.float32) for n in numels]
+            for k in ("param", "exp_avg", "exp_avg_sq")}
+    step = None
+    for sd in shards:
+        state = sd["optimizer"]["state"]
+        for k, (b, lo, hi) in enumerate(sd["slices"]):
+            full["param"][b][lo:hi] = sd["shard_fp32_params"][k].cpu()
+            if k in state:
+                full["exp_avg"][b][lo:hi] = state[k]["exp_avg"].cpu()
+                full["exp_avg_sq"][b][lo:hi] = state[k]["exp_avg_sq"].cpu()
+                step = state[k]["step"]
+    return {**full, "step": step, "param_groups": shards[0]["optimizer"]["param_groups"],
+            "grad_scaler": shards[0].get("grad_scaler")}
