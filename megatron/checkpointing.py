@@ -367,8 +367,10 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
     A checkpoint without optimizer state (or `load_optimizer=False`) resumes with
     a fresh optimizer built from the loaded weights; the scheduler, iteration
     and data position are restored either way. A distributed optimizer's state
-    saved at another data-parallel size is re-sharded. Raises CheckpointError
-    when the checkpoint does not fit the model, layout or optimizer kind.
+    saved at another data-parallel size is re-sharded, and state written by the
+    other optimizer kind (plain <-> distributed) is converted. Raises
+    CheckpointError when the checkpoint does not fit the model or layout, or
+    its optimizer state cannot be converted (e.g. fp32 state into a bf16 run).
     """
     from megatron import mpu
     root = root or cfg.checkpoint.load
