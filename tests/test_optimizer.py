@@ -161,3 +161,28 @@ def test_reload_model_params_refreshes_masters():
     opt.reload_model_params()
     for p, master in opt._pairs:
         assert torch.equal(master, p.float())
+
+
+def test_cpu_optimizer_is_fused_adamw_and_matches_foreach():
+    """The builder picks torch's fused AdamW on CPU (this torch has it); its updates equal
+    the foreach implementation's to rounding, so the choice changes speed, not training."""
+    from megatron.optimizer import adamw_builder
+    cfg = make_cfg("fp32")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 7)]
+    params = {kind: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                     for i, s in enumerate(shapes)] for kind in ("built", "foreach")}
+    built = adamw_builder(cfg.optimizer, torch.device("cpu"))([{"params": params["built"]}])
+    assert built.defaults["fused"] is True
+    kwargs = {k: built.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    ref = torch.optim.AdamW(params["foreach"], foreach=True, **kwargs)
+    for _ in range(5):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for opt, ps in ((built, params["built"]), (ref, params["foreach"])):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            opt.step()
+    for i, (a, b) in enumerate(zip(params["built"], params["foreach"])):
+        initial = torch.randn(shapes[i], generator=torch.Generator().manual_seed(i))
+        assert (a - initial).abs().max() > 100 * 1e-7  # the steps moved the params
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
