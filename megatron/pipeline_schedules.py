@@ -20,11 +20,17 @@ returned by ``loss_func`` are collected and returned there (empty elsewhere).
 Gradients accumulate into the parameters (``main_grad`` with the project's
 DDP); the caller runs ``finalize_model_grads`` afterwards.
 
+Once a stage's output has been sent on, its storage is released (only its
+autograd graph is kept for the backward), as Megatron-LM's
+``deallocate_output_tensor`` does: a stage holding ``k`` micro batches in flight
+then holds ``k`` fewer ``[s, b, h]`` activations.
+
 An optional ``trace`` (``ScheduleTrace``) records the order of forward and
 backward steps and the most micro batches held at once, for tests and
 benchmarks.
 """
 import contextlib
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -98,11 +104,45 @@ def _forward_step(forward_step_func, data_iterator, chunk, input_tensor, num_mic
     return output_tensor
 
 
+@functools.lru_cache(maxsize=None)
+def _can_release_outputs():
+    """Whether this torch runs backward from a GradientEdge (torch >= 2.4), which is what
+    lets an output whose storage was released still be backpropagated (checked once)."""
+    try:
+        x = torch.ones(2, requires_grad=True)
+        y = x * 2.0
+        edge = torch.autograd.graph.get_gradient_edge(y)
+        y.data = torch.empty(1)
+        torch.autograd.backward(edge, grad_tensors=torch.ones(2))
+        return x.grad is not None and x.grad.tolist() == [2.0, 2.0]
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def _release_output(output_tensor):
+    """Free the storage of an output already sent to the next stage.
+
+    Its autograd node keeps the shape for the backward; a view (whose storage
+    another tensor owns) or a tensor outside autograd is left alone. An op that
+    saved its own output for backward keeps that storage alive itself, so this
+    can never change a gradient, only fail to save memory.
+    """
+    if (output_tensor is None or output_tensor.grad_fn is None or output_tensor._base is not None
+            or not _can_release_outputs()):
+        return
+    output_tensor.data = torch.empty((1,), dtype=output_tensor.dtype, device=output_tensor.device)
+
+
 def _backward_step(input_tensor, output_tensor, output_tensor_grad, grad_scale_func):
     """Backpropagate one micro batch through one chunk; return the input's grad."""
     if output_tensor_grad is None and grad_scale_func is not None:
         output_tensor = grad_scale_func(output_tensor)
-    torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
+    if output_tensor_grad is not None and output_tensor.shape != output_tensor_grad.shape:
+        # Released after sending: start from its graph node, which knows the shape.
+        torch.autograd.backward(torch.autograd.graph.get_gradient_edge(output_tensor),
+                                grad_tensors=output_tensor_grad)
+    else:
+        torch.autograd.backward(output_tensor, grad_tensors=output_tensor_grad)
     if input_tensor is None:
         return None
     if input_tensor.grad is None:
@@ -179,14 +219,18 @@ def forward_backward_pipelining_without_interleaving(
         next_backward += 1
         return input_tensor_grad
 
+    last_stage = ps.is_pipeline_last_stage()
     for _ in range(num_warmup):
         output_tensor = forward(p2p.recv_forward(spec))
         p2p.send_forward(output_tensor, spec)
+        _release_output(output_tensor)
 
     input_tensor = p2p.recv_forward(spec) if num_steady > 0 else None
     for i in range(num_steady):
         output_tensor = forward(input_tensor)
         output_tensor_grad = p2p.send_forward_recv_backward(output_tensor, spec)
+        if not last_stage:  # there the output is the loss, which nothing sent
+            _release_output(output_tensor)
         input_tensor_grad = backward(output_tensor_grad)
         if i == num_steady - 1:
             p2p.send_backward(input_tensor_grad, spec)
@@ -315,6 +359,7 @@ def forward_backward_pipelining_with_interleaving(
                     output_grads[v - 1].append(output_tensor_grad)
                 else:
                     input_tensor = p2p.send_forward_recv_forward(output_tensor, recv_prev, spec)
+                _release_output(output_tensor)  # None (nothing sent) on the last stage
                 inputs[next_chunk].append(input_tensor)
 
             for i in range(num_steady):
@@ -354,6 +399,7 @@ def forward_backward_pipelining_with_interleaving(
                 input_tensor, output_tensor_grad = \
                     p2p.send_forward_backward_recv_forward_backward(
                         output_tensor, input_tensor_grad, recv_prev, recv_next, spec)
+                _release_output(output_tensor)
                 if recv_prev:
                     inputs[next_fwd_chunk].append(input_tensor)
                 if recv_next:

@@ -36,7 +36,9 @@ class _Stage(torch.nn.Module):
 
     def forward(self, x):
         inp = x if self.input_tensor is None else self.input_tensor
-        return torch.tanh(inp @ self.weight.t() + self.bias)
+        # "* 1.0": a last op that does not save its output (tanh's backward would), as a
+        # real stage's residual add, so releasing a sent output really frees it.
+        return torch.tanh(inp @ self.weight.t() + self.bias) * 1.0
 
 
 def _microbatch(i):
@@ -49,13 +51,16 @@ def _data(m):
     return iter([_microbatch(i) for i in range(m)])
 
 
-def _make_forward_step(draw_always):
+def _make_forward_step(draw_always, sent_outputs=None):
     """A forward step that draws a batch on every chunk, or only where one is
-    needed (first and last stage), as real forward steps do."""
+    needed (first and last stage), as real forward steps do. Outputs that go on
+    to a next stage are appended to ``sent_outputs``."""
     def forward_step(data_iterator, model):
         needs = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
         batch = next(data_iterator) if (draw_always or needs) else None
         output = model(batch["x"] if ps.is_pipeline_first_stage() else None)
+        if sent_outputs is not None and not ps.is_pipeline_last_stage():
+            sent_outputs.append(output)
 
         def loss_func(out):
             loss = ((out - batch["y"]) ** 2).mean()
@@ -113,13 +118,19 @@ def _run(p, m, v, forward_only=False, draw_always=False):
     trace = sched.ScheduleTrace()
     fn = (sched.forward_backward_pipelining_with_interleaving if interleaved
           else sched.forward_backward_pipelining_without_interleaving)
-    losses = fn(_make_forward_step(draw_always), _data(m), chunks if interleaved else chunks[0],
+    sent = []
+    losses = fn(_make_forward_step(draw_always, sent), _data(m), chunks if interleaved else chunks[0],
                 m, S, B, forward_only=forward_only,
                 grad_scale_func=lambda loss: loss * GRAD_SCALE,
                 tensor_shape=(S, B, H), dtype=torch.float64, trace=trace)
     ps.set_virtual_pipeline_model_parallel_world_size(None)
     ps.set_virtual_pipeline_model_parallel_rank(None)
 
+    # Every output sent on had its storage released after sending (the gradients
+    # checked below still flow through its graph).
+    assert len(sent) == m * (nv if r < p - 1 else nv - 1), (len(sent), p, r, m, v)
+    if not forward_only:
+        assert all(t.numel() == 1 for t in sent), [tuple(t.shape) for t in sent]
     ref_stages, ref_losses = _reference(p * nv, m)
     if r == p - 1:
         assert len(losses) == m, (len(losses), m)
