@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, iteration_dir,
-                                    rank_dir_name, read_latest_iteration)
+from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, _shard_files,
+                                    iteration_dir, rank_dir_name, read_latest_iteration)
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
@@ -236,18 +236,80 @@ def optimizer_param_order(chunk_states):
     return decay, no_decay
 
 
+def plain_state_from_distributed(shards, tp_rank, pp_rank):
+    """The plain optimizer's ``state_dict()`` for rank file (tp_rank, pp_rank), rebuilt
+    offline from its distributed-optimizer files (one per DP rank).
+
+    Layout (mpu.distributed.GradBuffer): each model chunk has one grad buffer per
+    (param dtype, grad dtype) pair holding its trainable params in
+    ``parameters()`` order, i.e. the order of the chunk's state dict. Only
+    single-dtype models (one buffer per chunk) are supported.
+    """
+    from megatron.optimizer.distributed_optimizer import _clone, full_state_from_shards
+    from megatron.optimizer.optimizer import _HALF
+    where = f"checkpoint {shards.root} rank {(tp_rank, pp_rank)}"
+    rank_dir = os.path.join(iteration_dir(shards.root, shards.iteration),
+                            rank_dir_name(tp_rank, pp_rank, shards.pp))
+    files = _shard_files(rank_dir) if os.path.isdir(rank_dir) else {}
+    if not files:
+        raise CheckpointError(f"{where} has no distrib_optim_dp_*.pt files in {rank_dir}")
+    chunks = shards.chunk_states(tp_rank, pp_rank)
+    dtypes = {t.dtype for st in chunks for t in st.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"{where}: distributed optimizer state of a model with params of "
+                              f"dtypes {sorted(map(str, dtypes))} is not supported (one dtype only)")
+    layout = {}  # name -> (buffer, start, end, shape): buffer b is chunk b's one buffer
+    numels = []
+    for b, st in enumerate(chunks):
+        offset = 0
+        for name, t in st.items():
+            layout[name] = (b, offset, offset + t.numel(), t.shape)
+            offset += t.numel()
+        numels.append(offset)
+    try:
+        full = full_state_from_shards([load_file(files[r]) for r in sorted(files)], numels)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    decay, no_decay = optimizer_param_order(chunks)
+    order = decay + no_decay
+    state = {}
+    if full["step"] is not None:  # never stepped: no Adam state, as in a plain optimizer
+        for idx, name in enumerate(order):
+            b, lo, hi, shape = layout[name]
+            state[idx] = {"step": _clone(full["step"]),
+                          "exp_avg": full["exp_avg"][b][lo:hi].view(shape).clone(),
+                          "exp_avg_sq": full["exp_avg_sq"][b][lo:hi].view(shape).clone()}
+    if len(full["param_groups"]) != 2:
+        raise CheckpointError(f"{where}: {len(full['param_groups'])} optimizer param groups, "
+                              f"expected 2 (weight decay, no weight decay)")
+    groups, index = [], 0
+    for g, names in zip(full["param_groups"], (decay, no_decay)):
+        groups.append({**g, "params": list(range(index, index + len(names)))})
+        index += len(names)
+    out = {"optimizer": {"state": state, "param_groups": groups},
+           "grad_scaler": full["grad_scaler"]}
+    if dtypes.pop() in _HALF:
+        # MixedPrecisionOptimizer keeps an fp32 master for every half-precision param.
+        out["fp32_from_fp16_params"] = [
+            full["param"][b][lo:hi].view(shape).clone()
+            for b, lo, hi, shape in (layout[n] for n in order)]
+    return out
+
+
 def merge_optimizer_state(shards, full_model):
     """Full per-name optimizer state: ``{"params": {name: {key: tensor}}, "masters": {name:
-    tensor}, "groups": [group hyperparameters], "grad_scaler": state}`` from plain
-    (non-sharded) optimizer states of every rank file."""
-    if shards.has_sharded_optimizer():
-        raise CheckpointError(f"checkpoint {shards.root} holds a distributed (sharded) optimizer "
-                              f"state; --include-optimizer supports the plain optimizer only")
+    tensor}, "groups": [group hyperparameters], "grad_scaler": state}`` from the plain
+    optimizer states of every rank file (a distributed optimizer's per-DP-rank files are
+    first turned into the plain format by ``plain_state_from_distributed``)."""
+    sharded = shards.has_sharded_optimizer()
     per_rank = {}
     for key, f in shards.files.items():
-        if "optimizer" not in f:
+        if "optimizer" in f:
+            per_rank[key] = f["optimizer"]
+        elif sharded:
+            per_rank[key] = plain_state_from_distributed(shards, *key)
+        else:
             raise CheckpointError(f"checkpoint {shards.root} rank {key} has no optimizer state")
-        per_rank[key] = f["optimizer"]
     named = {}  # name -> list over tp of {key: tensor}
     masters = {}
     groups = None

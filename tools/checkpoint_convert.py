@@ -24,7 +24,9 @@ def main(argv=None):
     p.add_argument("--target-pipeline-parallel-size", type=int, required=True)
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--include-optimizer", action="store_true",
-                   help="reshard the optimizer state (Adam moments, fp32 master weights) too")
+                   help="reshard the optimizer state (Adam moments, fp32 master weights) too; "
+                        "a distributed-optimizer checkpoint's per-DP-rank shards are merged, and "
+                        "the result is written in the plain optimizer's format")
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: latest)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the tokenizer's vocabulary size (default: built from the checkpoint's config)")
