@@ -1,7 +1,8 @@
 """Switching parallel.distributed_optimizer on or off when resuming keeps the Adam
 state: at DP=2, 3 iterations with one optimizer kind, save, 3 more with the other
 give the losses of 6 uninterrupted iterations (fp32 both ways, bf16 plain ->
-distributed through the fp32 masters), and the saved step count goes on to 6.
+distributed and fp16 distributed -> plain through the fp32 masters), and the
+saved step count goes on to 6.
 State that cannot be converted is refused with one line."""
 import os
 
@@ -39,14 +40,18 @@ def _switch_runs(workdir):
             **extra}))["train_losses"]
 
     out = {}
-    for precision, first_kinds in (("fp32", (False, True)), ("bf16", (False,))):
-        out[precision] = {"straight": run(precision, False)}
+    # fp16: a small initial loss scale, so that no step is skipped for overflow and
+    # the dynamic scaler's state (scale, growth tracker) must carry over too.
+    cases = (("fp32", (False, True), {}), ("bf16", (False,), {}),
+             ("fp16", (True,), {"optimizer.initial_loss_scale": 256}))
+    for precision, first_kinds, scale in cases:
+        out[precision] = {"straight": run(precision, False, **scale)}
         for first in first_kinds:
             root = os.path.join(workdir, f"{precision}_{'dist' if first else 'plain'}")
-            run(precision, first, **{"checkpoint.save": root, "training.exit_interval": N})
+            run(precision, first, **{"checkpoint.save": root, "training.exit_interval": N, **scale})
             # Resume with the other kind; it saves at 2N, in its own format.
             resumed = run(precision, not first, **{"checkpoint.load": root,
-                                                   "checkpoint.save": root + "_resumed"})
+                                                   "checkpoint.save": root + "_resumed", **scale})
             torch.distributed.barrier()
             out[precision][f"{first}->{not first}"] = (resumed, _step_of(root + "_resumed", rank))
     # Still refused: fp32 plain state has no fp32 masters for a bf16 distributed optimizer.
