@@ -26,10 +26,11 @@ def _measure(precision, layers, hidden, vocab):
     from megatron.mpu.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.mpu.random import model_parallel_seed
     from megatron.optimizer import get_megatron_optimizer
+    from megatron.utils import DTYPES
 
     mpu.initialize_model_parallel(1, 1)
     out = {}
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     for distributed in (False, True):
         cfg = Config()
         cfg.model.num_layers, cfg.model.hidden_size = layers, hidden

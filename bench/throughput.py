@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baseline_gpt2  # noqa: E402
 from flops import gpt_flops_per_iteration  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron.utils import DTYPES  # noqa: E402
 
 
 def _sync(device):

@@ -284,7 +284,7 @@ def _load_model_state(path, chunk, state):
     model.load_state_dict(state)
 
 
-def _shard_files(rank_dir):
+def shard_files(rank_dir):
     """The distributed optimizer's per-DP-rank files in `rank_dir`, by DP rank."""
     files = {}
     for name in os.listdir(rank_dir):
@@ -312,7 +312,7 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
     from megatron import mpu
     from megatron.optimizer.state_conversion import distributed_to_plain, plain_to_distributed
     sharded = bool(getattr(optimizer, "is_sharded", False))
-    shards = _shard_files(rank_dir)
+    shards = shard_files(rank_dir)
     saved_dp = saved.get("parallel", {}).get("data_parallel_size")
     if not shards and "optimizer" not in saved:
         return False

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, _shard_files,
+from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, shard_files,
                                     iteration_dir, rank_dir_name, read_latest_iteration)
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -250,7 +250,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
     where = f"checkpoint {shards.root} rank {(tp_rank, pp_rank)}"
     rank_dir = os.path.join(iteration_dir(shards.root, shards.iteration),
                             rank_dir_name(tp_rank, pp_rank, shards.pp))
-    files = _shard_files(rank_dir) if os.path.isdir(rank_dir) else {}
+    files = shard_files(rank_dir) if os.path.isdir(rank_dir) else {}
     if not files:
         raise CheckpointError(f"{where} has no distrib_optim_dp_*.pt files in {rank_dir}")
     chunks = shards.chunk_states(tp_rank, pp_rank)

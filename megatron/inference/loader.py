@@ -13,8 +13,7 @@ from megatron import mpu
 from megatron.checkpointing import CheckpointError
 from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state, resize_vocab,
                               split_tensor, target_padded_vocab)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from megatron.utils import DTYPES
 
 
 class InferenceModel:
