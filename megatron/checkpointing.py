@@ -15,15 +15,17 @@ import shutil
 import numpy as np
 import torch
 
+from megatron.errors import UserError
 from megatron.logging import print_rank_0
-from megatron.utils import fail_together, unwrap_model
+from megatron.mpu.collectives import fail_together
+from megatron.utils import unwrap_model
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used with this configuration (one-line message)."""
 
 
@@ -137,12 +139,9 @@ def _gather_rng_states_over_dp():
     """RNG states of every DP rank (rank-ordered), so that DP rank 0 can store them all."""
     from megatron import mpu
     state = get_rng_state()
-    dp = mpu.get_data_parallel_world_size()
-    if dp == 1 or not torch.distributed.is_initialized():
+    if mpu.get_data_parallel_world_size() == 1:
         return [state]
-    gathered = [None] * dp
-    torch.distributed.all_gather_object(gathered, state, group=mpu.get_data_parallel_group())
-    return gathered
+    return mpu.all_gather_object(state, group=mpu.get_data_parallel_group())
 
 
 # ---------------------------------------------------------------- save
@@ -162,7 +161,7 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
     """
     from megatron import mpu
     root = cfg.checkpoint.save
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = mpu.get_global_rank()
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     # Each step that may fail on some ranks only (a full disk, a permission) is left by

@@ -14,8 +14,10 @@ from typing import List, Optional
 
 import yaml
 
+from megatron.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-caused configuration error; its message is one line naming the values."""
 
 

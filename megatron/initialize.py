@@ -3,7 +3,6 @@
 The one place where the device and backend are chosen: CUDA with nccl when
 available (or asked), otherwise CPU with gloo.
 """
-import datetime
 import os
 import random
 import socket
@@ -33,8 +32,9 @@ def select_device(device="auto"):
 
 def world_size_from_env():
     """WORLD_SIZE as torchrun sets it (1 when run as plain python or before init)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
+    from megatron import mpu
+    if mpu.is_distributed():
+        return mpu.get_global_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -43,7 +43,8 @@ def init_distributed(device):
 
     Reuses an existing default group (tests that launch their own processes).
     """
-    if torch.distributed.is_initialized():
+    from megatron import mpu
+    if mpu.is_distributed():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -52,10 +53,8 @@ def init_distributed(device):
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
         os.environ.setdefault("LOCAL_RANK", "0")
-    torch.distributed.init_process_group(
-        backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=datetime.timedelta(minutes=int(os.environ.get("MEGATRON_DIST_TIMEOUT_MIN", "30"))),
-        **({"device_id": device} if device.type == "cuda" else {}))
+    mpu.init_process_group(backend, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                           int(os.environ.get("MEGATRON_DIST_TIMEOUT_MIN", "30")), device)
 
 
 def set_seeds(seed, device=None):
@@ -80,8 +79,13 @@ def initialize_megatron(cfg):
     init_distributed(device)
     p = cfg.parallel
     if not mpu.model_parallel_is_initialized():
-        mpu.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                      p.virtual_pipeline_model_parallel_size)
+        try:
+            mpu.initialize_model_parallel(p.tensor_model_parallel_size,
+                                          p.pipeline_model_parallel_size,
+                                          p.virtual_pipeline_model_parallel_size)
+        except mpu.ModelParallelConfigError as e:  # mpu cannot import megatron's UserError
+            from megatron.config import ConfigError
+            raise ConfigError(str(e)) from None
     set_seeds(cfg.training.seed, device)
     return device
 
@@ -91,5 +95,4 @@ def destroy_megatron():
     from megatron import mpu
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    mpu.destroy_process_group()

@@ -2,19 +2,8 @@
 import os
 import time
 
-import torch
-
-
-def _rank():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _world_size():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+from megatron.mpu.collectives import get_global_rank as _rank
+from megatron.mpu.collectives import get_global_world_size as _world_size
 
 
 def print_rank_0(*args, **kwargs):

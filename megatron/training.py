@@ -11,13 +11,14 @@ import torch
 
 from megatron import checkpointing
 from megatron.config import finalize
+from megatron.errors import UserError
 from megatron.initialize import initialize_megatron, world_size_from_env
 from megatron.logging import TensorBoardWriter, Timers, is_last_rank, print_rank_0, print_rank_last
-from megatron.utils import (DTYPES, average_over_data_parallel, calc_params_l2_norm, fail_together,
-                            generate_sample)
+from megatron.mpu.collectives import fail_together
+from megatron.utils import DTYPES, average_over_data_parallel, calc_params_l2_norm, generate_sample
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses); one-line message."""
 
 
@@ -171,20 +172,17 @@ def _step_scalars(loss_dicts, is_last_stage, exit_signal, start_time, cfg, devic
     duration = (t.exit_duration_in_mins is not None
                 and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    world = mpu.get_global_world_size()
     if is_last_stage:
         loss = _mean_loss_tensor(loss_dicts, device)
-        if distributed:
-            replicas = (torch.distributed.get_world_size()
-                        // mpu.get_pipeline_model_parallel_world_size())
-            loss = loss / replicas
+        if world > 1:
+            loss = loss / (world // mpu.get_pipeline_model_parallel_world_size())
     else:
         loss = torch.zeros((), dtype=dtype, device=device)
     flags = torch.tensor([float(exit_signal.received), float(duration)], dtype=dtype,
                          device=device)
     scalars = torch.cat([loss.reshape(1), flags])
-    if distributed:
-        torch.distributed.all_reduce(scalars)  # SUM: the DP mean, and "any rank" for flags
+    mpu.all_reduce(scalars)  # SUM: the DP mean, and "any rank" for flags
     loss, sigterm, dur = scalars.tolist()
     return loss, sigterm > 0, dur > 0
 
@@ -195,12 +193,12 @@ def _on_rank_0(predicate, device):
     For decisions that lead to collectives (a final save) but read the
     filesystem, where another node may still see a stale file.
     """
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    from megatron import mpu
+    if mpu.get_global_world_size() == 1:
         return bool(predicate())
-    flag = torch.tensor([float(bool(predicate())) if torch.distributed.get_rank() == 0 else 0.0],
+    flag = torch.tensor([float(bool(predicate())) if mpu.get_global_rank() == 0 else 0.0],
                         device=device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+    return bool(mpu.broadcast(flag, src=0).item())
 
 
 def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_factory,
@@ -350,7 +348,8 @@ def _build_datasets(cfg, datasets_provider):
     Rank 0 goes first so that the files and index caches it writes are simply
     read by every other rank.
     """
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    from megatron import mpu
+    rank = mpu.get_global_rank()
     datasets = None
     # A failure on one rank (a bad data path, a full disk) raises on every rank.
     with fail_together("building the datasets"):

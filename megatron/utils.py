@@ -1,5 +1,4 @@
-"""Small helpers of the training loop: norms, loss averaging, failing together, a text sample."""
-import contextlib
+"""Small helpers of the training loop: norms, loss averaging, a text sample."""
 import math
 
 import torch
@@ -18,47 +17,6 @@ def unwrap_model(chunk):
         if inner is None:
             return chunk
         chunk = inner
-
-
-def _failed_ranks(failed, group):
-    """Global ranks of ``group`` that report ``failed`` (one small all-reduce)."""
-    dist = torch.distributed
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32, device=device)
-    if failed:
-        flags[dist.get_rank(group)] = 1
-    dist.all_reduce(flags, group=group)
-    bad = flags.nonzero().flatten().tolist()
-    return [dist.get_global_rank(group, r) if group is not None else r for r in bad]
-
-
-@contextlib.contextmanager
-def fail_together(what, group=None):
-    """A block that may fail on some ranks only (rank 0 building index files, one rank's
-    disk full while saving), left by every rank of ``group`` (default: all) together.
-
-    A rank whose block raised re-raises its own error; the others raise a one-line
-    RuntimeError naming the failed ranks, instead of waiting at their next collective
-    until the timeout. Every rank of the group must enter the block; its exit is one
-    small all-reduce, which also serves as the barrier after the block. Blocks may nest
-    or be entered in different places on different ranks (rank 0 first), since every
-    exit is the same collective. Without torch.distributed it is a plain block.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        yield
-        return
-    try:
-        yield
-    except Exception:
-        _failed_ranks(True, group)
-        raise
-    bad = _failed_ranks(False, group)
-    if bad:
-        raise RuntimeError(f"{what} failed on rank{'s' if len(bad) > 1 else ''} "
-                           f"{', '.join(map(str, bad))} (its error is in that rank's output)")
 
 
 def calc_params_l2_norm(model_chunks):
@@ -81,10 +39,8 @@ def calc_params_l2_norm(model_chunks):
     if total is None:
         total = torch.zeros((), device=_device_of(model_chunks))
     total = total.reshape(1)
-    if torch.distributed.is_initialized() and mpu.model_parallel_is_initialized():
-        group = mpu.get_model_parallel_group()
-        if torch.distributed.get_world_size(group) > 1:
-            torch.distributed.all_reduce(total, group=group)
+    if mpu.model_parallel_is_initialized():
+        mpu.all_reduce(total, group=mpu.get_model_parallel_group())
     return math.sqrt(total.item())
 
 
@@ -100,8 +56,8 @@ def average_over_data_parallel(values, device):
     from megatron import mpu
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32,
                      device=device)
-    if torch.distributed.is_initialized() and mpu.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(t, group=mpu.get_data_parallel_group())
+    if mpu.get_data_parallel_world_size() > 1:
+        mpu.all_reduce(t, group=mpu.get_data_parallel_group())
         t /= mpu.get_data_parallel_world_size()
     return t.tolist()
 

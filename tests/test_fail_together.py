@@ -1,6 +1,6 @@
 """A failure on some ranks only raises on every rank instead of hanging the others.
 
-One 3-process gloo launch: ``utils.fail_together`` itself, rank 0 failing while it
+One 3-process gloo launch: ``mpu.fail_together`` itself, rank 0 failing while it
 builds an index cache, rank 0 failing in the datasets provider, and one rank's
 disk "filling up" while a checkpoint is saved (the previous checkpoint stays the
 loadable one). Each case is followed by an all-reduce, which shows the ranks are
@@ -37,7 +37,7 @@ def _worker(tmp):
     from megatron.config import load_config
     from megatron.data.index_builders import cached_arrays
     from megatron.training import _build_datasets
-    from megatron.utils import fail_together
+    from megatron.mpu import fail_together
     import numpy as np
 
     rank = dist.get_rank()

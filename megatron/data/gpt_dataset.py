@@ -16,6 +16,7 @@ import numpy as np
 from megatron.data import index_builders
 from megatron.data.blended_dataset import BlendedDataset
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetError, exists
+from megatron.errors import UserError
 
 SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_VERSION = 1  # bump when the construction of the arrays changes
@@ -23,7 +24,7 @@ _INDEX_VERSION = 1  # bump when the construction of the arrays changes
 BLEND_MARGIN = 1.005
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """A data setting (path, split, weights) that cannot be used."""
 
 

@@ -223,13 +223,10 @@ def _distributed():
     torch is only consulted when something already imported it: a process that never
     imported torch cannot have a process group, and importing it would cost start-up.
     """
-    torch = sys.modules.get("torch")
-    if torch is None:
+    if "torch" not in sys.modules:
         return None
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.get_rank()
+    from megatron.mpu import collectives
+    return collectives.get_global_rank() if collectives.is_distributed() else None
 
 
 def cached_arrays(cache_dir, file_names, build):
@@ -237,7 +234,7 @@ def cached_arrays(cache_dir, file_names, build):
 
     ``build()`` returns a dict of arrays with the same keys. When torch.distributed is
     initialized, rank 0 builds and saves while the other ranks wait, then every rank
-    memory-maps the files; if rank 0 fails, every rank raises (``utils.fail_together``)
+    memory-maps the files; if rank 0 fails, every rank raises (``mpu.fail_together``)
     instead of the others waiting until the timeout. Returns ``(arrays, built)``.
     """
     paths = {key: os.path.join(cache_dir, name) for key, name in file_names.items()}
@@ -245,7 +242,7 @@ def cached_arrays(cache_dir, file_names, build):
     def together(what):
         if rank is None:
             return contextlib.nullcontext()
-        from megatron.utils import fail_together
+        from megatron.mpu.collectives import fail_together
         return fail_together(f"{what} {cache_dir}")
 
     built = False

@@ -16,6 +16,8 @@ from array import array
 
 import numpy as np
 
+from megatron.errors import UserError
+
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D
@@ -32,7 +34,7 @@ DTYPES = {
 }
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A ``.bin``/``.idx`` pair that is missing, truncated or corrupt."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron.errors import UserError
 from megatron.tokenizer import build_tokenizer
 
 CHUNK_BYTES = 1 << 20  # input bytes per work item: large enough to amortize IPC
@@ -28,7 +29,7 @@ CHUNK_LINES = 4096
 DOCUMENT_SUFFIX = "_document"
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     """A user-caused problem (input, paths, tokenizer): one line, no traceback."""
 
 

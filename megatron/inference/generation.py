@@ -23,8 +23,8 @@ def _shared_random_seed(im):
     if mpu.get_tensor_model_parallel_world_size() == 1:
         return seed
     t = torch.tensor([seed], dtype=torch.int64, device=im.device)
-    torch.distributed.broadcast(t, src=mpu.get_tensor_model_parallel_src_rank(),
-                                group=mpu.get_tensor_model_parallel_group())
+    mpu.broadcast(t, src=mpu.get_tensor_model_parallel_src_rank(),
+                  group=mpu.get_tensor_model_parallel_group())
     return int(t.item())
 
 

@@ -43,11 +43,11 @@ def init_inference_parallel(device=None):
     """Under torchrun (WORLD_SIZE > 1): create the process group and use every rank
     for tensor parallelism. Returns the TP size (1 for a plain process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and not torch.distributed.is_initialized():
+    if world == 1 and not mpu.is_distributed():
         return 1
     from megatron.initialize import init_distributed, select_device
     init_distributed(device or select_device("auto"))
-    world = torch.distributed.get_world_size()
+    world = mpu.get_global_world_size()
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(world, 1)
     return mpu.get_tensor_model_parallel_world_size()

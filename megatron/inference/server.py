@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from megatron.errors import UserError
 from megatron.inference.generation import generate_tokens
 
 
@@ -30,7 +31,7 @@ class ServerLimits:
     socket_timeout_s: float = 30.0
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A request the server refuses with HTTP 400 (one-line message)."""
 
 

@@ -39,6 +39,21 @@ from .parallel_state import (
     set_virtual_pipeline_model_parallel_rank,
     set_virtual_pipeline_model_parallel_world_size,
 )
+from .collectives import (
+    all_gather_object,
+    all_reduce,
+    barrier,
+    broadcast,
+    collective_device,
+    destroy_process_group,
+    fail_together,
+    get_backend,
+    get_global_rank,
+    get_global_world_size,
+    get_group_world_size,
+    init_process_group,
+    is_distributed,
+)
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,

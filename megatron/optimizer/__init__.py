@@ -40,8 +40,8 @@ def _announce(text):
     if _announced:
         return
     _announced = True
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f"> optimizer: {text}", flush=True)
+    from megatron.logging import print_rank_0
+    print_rank_0(f"> optimizer: {text}")
 
 
 def adamw_builder(optimizer_cfg, device):

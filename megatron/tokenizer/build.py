@@ -2,10 +2,12 @@
 
 import os
 
+from megatron.errors import UserError
+
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
-class TokenizerConfigError(ValueError):
+class TokenizerConfigError(UserError, ValueError):
     """A tokenizer section that names a missing file or an unknown type."""
 
 

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from megatron.errors import UserError
+
 EOD_TOKEN = "<|endoftext|>"
 
 # GPT-2's pre-tokenizer regex (contractions, letters, digits, other, spaces).
@@ -36,7 +38,7 @@ def bytes_to_unicode():
     return dict(zip(printable, map(chr, chars)))
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError, ValueError):
     """A tokenizer file that is missing or malformed (one clear line)."""
 
 

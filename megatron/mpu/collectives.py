@@ -1,0 +1,135 @@
+"""The process group itself and the collectives of the rest of the framework.
+
+Everything outside ``mpu`` that needs to talk to other ranks (the loop's
+per-step scalars, checkpoint RNG states, a shared sampling seed, failing
+together) calls these helpers instead of ``torch.distributed``; the model's
+own communication lives in ``mappings`` (autograd operators), ``distributed``
+(gradient buffers) and ``p2p_communication`` (pipeline stages).
+
+Every helper works without a process group (a plain single process): ranks
+are 0, the world is 1 and a collective over a group of one does nothing.
+"""
+import contextlib
+import datetime
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def is_distributed():
+    """True when a default process group exists (even a world of one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_global_rank():
+    """This process's rank in the default group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_global_world_size():
+    """Number of processes in the default group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_group_world_size(group=None):
+    """Number of ranks in ``group`` (default: all); 1 without a process group."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def get_backend(group=None):
+    """The backend name of ``group`` ("gloo", "nccl", ...); None without a process group."""
+    return dist.get_backend(group) if is_distributed() else None
+
+
+def collective_device(group=None):
+    """The device a small tensor must live on to be reduced over ``group``."""
+    if get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(backend, rank, world_size, timeout_minutes, device=None, store=None):
+    """Create the default process group (``store`` None: from MASTER_ADDR / MASTER_PORT)."""
+    kwargs = {}
+    if device is not None and device.type == "cuda":
+        kwargs["device_id"] = device
+    if store is not None:
+        kwargs["store"] = store
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+
+
+def destroy_process_group():
+    """Destroy the default process group if there is one."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor, op="sum", group=None):
+    """In-place all-reduce of ``tensor`` over ``group`` ("sum", "max" or "min");
+    nothing to do over a group of one. Returns ``tensor``."""
+    if get_group_world_size(group) > 1:
+        dist.all_reduce(tensor, op=_OPS[op], group=group)
+    return tensor
+
+
+def broadcast(tensor, src, group=None):
+    """In-place broadcast of ``tensor`` from global rank ``src`` to ``group``. Returns it."""
+    if get_group_world_size(group) > 1:
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def all_gather_object(obj, group=None):
+    """Every rank's ``obj`` (picklable), in rank order of ``group``."""
+    size = get_group_world_size(group)
+    if size == 1:
+        return [obj]
+    gathered = [None] * size
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def barrier(group=None):
+    """Wait for every rank of ``group``."""
+    if get_group_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def _failed_ranks(failed, group):
+    """Global ranks of ``group`` that report ``failed`` (one small all-reduce)."""
+    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32,
+                        device=collective_device(group))
+    if failed:
+        flags[dist.get_rank(group)] = 1
+    dist.all_reduce(flags, group=group)
+    bad = flags.nonzero().flatten().tolist()
+    return [dist.get_global_rank(group, r) if group is not None else r for r in bad]
+
+
+@contextlib.contextmanager
+def fail_together(what, group=None):
+    """A block that may fail on some ranks only (rank 0 building index files, one rank's
+    disk full while saving), left by every rank of ``group`` (default: all) together.
+
+    A rank whose block raised re-raises its own error; the others raise a one-line
+    RuntimeError naming the failed ranks, instead of waiting at their next collective
+    until the timeout. Every rank of the group must enter the block; its exit is one
+    small all-reduce, which also serves as the barrier after the block. Blocks may nest
+    or be entered in different places on different ranks (rank 0 first), since every
+    exit is the same collective. Without torch.distributed it is a plain block.
+    """
+    if not is_distributed():
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        _failed_ranks(True, group)
+        raise
+    bad = _failed_ranks(False, group)
+    if bad:
+        raise RuntimeError(f"{what} failed on rank{'s' if len(bad) > 1 else ''} "
+                           f"{', '.join(map(str, bad))} (its error is in that rank's output)")
