@@ -86,30 +86,25 @@ class FrameworkRunner:
     def __init__(self, cfg, device, vocab_size):
         from megatron.model.gpt_model import GPTModel
         from megatron.optimizer import get_megatron_optimizer
-        from megatron.schedules import get_forward_backward_func
-        from megatron.training import build_model
+        from megatron.train_step import StepSchedule
+        from megatron.training import build_model, build_scheduler
         self.cfg, self.device = cfg, device
         self.chunks = build_model(
             cfg, lambda pre_process, post_process: GPTModel(cfg, vocab_size, pre_process, post_process),
             device)
         self.optimizer = get_megatron_optimizer(cfg, self.chunks)
-        self.forward_backward = get_forward_backward_func()
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.schedule = StepSchedule.from_config(cfg)
         self.data = random_batches(cfg.training.micro_batch_size, cfg.model.seq_length, vocab_size, device)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.num_micro = cfg.num_microbatches(world)
         for c in self.chunks:
             c.train()
 
     def step(self):
-        from megatron.mpu.distributed import finalize_model_grads
-        self.optimizer.zero_grad()  # zeroes the chunks' DDP grad buffers too
-        losses = self.forward_backward(forward_step, self.data, self.chunks, self.num_micro,
-                                       self.cfg.model.seq_length, self.cfg.training.micro_batch_size,
-                                       forward_only=False, grad_scale_func=self.optimizer.scale_loss)
-        finalize_model_grads(self.chunks)
-        self.optimizer.step()
+        from megatron.train_step import train_step
+        result = train_step(self.schedule, forward_step, self.data, self.chunks, self.optimizer,
+                            self.scheduler)
         _sync(self.device)
-        return losses
+        return result.loss_dicts
 
 
 class BaselineRunner:

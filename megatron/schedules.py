@@ -35,7 +35,8 @@ def backward_step(output_tensor, grad_scale_func=None):
 
 def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_microbatches,
                                    seq_length=None, micro_batch_size=None, forward_only=False,
-                                   grad_scale_func=None):
+                                   grad_scale_func=None, *, tensor_shape=None, dtype=None,
+                                   trace=None):
     """Run `num_microbatches` forward(+backward) passes on one model chunk.
 
     Returns the list of per-micro-batch loss dicts. The DP grad sync is

@@ -2,10 +2,17 @@
 
 `pretrain(cfg, model_provider, datasets_provider, forward_step_func)` is the one
 entry point (see docs/architecture.md for the contracts of the three callables).
+It builds a `Run` (model chunks, optimizer, schedule, writer, data) and hands it
+to `train`, which is made of named pieces: `train_step` (megatron/train_step.py),
+the log window (`LogWindow`, megatron/training_log.py), `evaluate_and_log`,
+`save` and `exit_reason`. After the loop: the final validation, save, test
+evaluation and text sample (`finish`).
 """
 import math
 import signal
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -13,9 +20,11 @@ from megatron import checkpointing
 from megatron.config import finalize
 from megatron.errors import UserError
 from megatron.initialize import initialize_megatron, world_size_from_env
-from megatron.logging import TensorBoardWriter, Timers, is_last_rank, print_rank_0, print_rank_last
+from megatron.logging import TensorBoardWriter, is_last_rank, print_rank_0
 from megatron.mpu.collectives import fail_together
-from megatron.utils import DTYPES, average_over_data_parallel, calc_params_l2_norm, generate_sample
+from megatron.train_step import StepSchedule, mean_loss, step_scalars, train_step
+from megatron.training_log import LogWindow, log_evaluation
+from megatron.utils import DTYPES, average_over_data_parallel, unwrap_model
 
 
 class TrainingError(UserError, RuntimeError):
@@ -80,7 +89,7 @@ def _num_samples(cfg):
 
 
 def build_data_iterators(cfg, datasets, consumed_samples, device=None):
-    """Loaders for train/valid/test; train starts at `consumed_samples` (exact resume).
+    """Loader factories for train/valid/test; train starts at `consumed_samples` (exact resume).
 
     Batches are pinned when `device` is a CUDA device.
     """
@@ -108,236 +117,149 @@ def _iterators(loader_factory, num_chunks):
     return [iter(loader_factory()) for _ in range(num_chunks)]
 
 
-def _mean_loss_tensor(loss_dicts, device, key="lm loss"):
-    """Mean of the micro batches' `key` losses as one 0-d tensor on `device` (no host sync).
+@dataclass
+class Run:
+    """What every piece of the loop shares, built once by `pretrain`: the config, the
+    model chunks and their optimizer and LR schedule, this rank's schedule of a global
+    batch, the device, the TensorBoard writer and the train/valid/test loader factories
+    (None for an empty split)."""
+    cfg: object
+    forward_step_func: Callable
+    model_chunks: list
+    optimizer: object
+    scheduler: object
+    schedule: StepSchedule
+    device: torch.device
+    writer: TensorBoardWriter
+    train_data: Optional[Callable] = None
+    valid_data: Optional[Callable] = None
+    test_data: Optional[Callable] = None
 
-    float64 on the CPU, float32 on accelerators (as `average_over_data_parallel`);
-    NaN when no micro batch reported the key (not the last pipeline stage).
-    """
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    values = [torch.as_tensor(d[key]).detach().reshape(()).to(device=device, dtype=torch.float64)
-              for d in loss_dicts if key in d]
-    if not values:
-        return torch.full((), float("nan"), dtype=dtype, device=device)
-    return torch.stack(values).mean().to(dtype)
 
-
-def _mean_loss(loss_dicts, device, key="lm loss"):
-    return _mean_loss_tensor(loss_dicts, device, key).item()
-
-
-def evaluate(cfg, forward_step_func, valid_factory, model_chunks, device):
-    """Mean lm loss over `eval_iters` global batches of the validation set (fresh start each time).
-
-    Always the same first batches, so validation losses are comparable over time.
-    """
-    from megatron.schedules import get_forward_backward_func
-    for c in model_chunks:
+def evaluate(run, data_factory):
+    """Mean lm loss over `eval_iters` global batches of a split (from its start each time,
+    so validation losses are comparable over time), averaged over data parallelism."""
+    for c in run.model_chunks:
         c.eval()
-    forward_backward = get_forward_backward_func()
-    data_iter = _iterators(valid_factory, len(model_chunks))
+    data_iter = _iterators(data_factory, len(run.model_chunks))
     total = []
     with torch.no_grad():
-        for _ in range(cfg.training.eval_iters):
-            dicts = forward_backward(forward_step_func, data_iter, model_chunks,
-                                     cfg.num_microbatches(world_size_from_env()),
-                                     cfg.model.seq_length, cfg.training.micro_batch_size,
+        for _ in range(run.cfg.training.eval_iters):
+            dicts = run.schedule.run(run.forward_step_func, data_iter, run.model_chunks,
                                      forward_only=True)
-            total.append(_mean_loss(dicts, device))
-    for c in model_chunks:
+            total.append(mean_loss(dicts, run.device).item())
+    for c in run.model_chunks:
         c.train()
-    loss = average_over_data_parallel([sum(total) / max(len(total), 1)], device)[0]
+    return average_over_data_parallel([sum(total) / max(len(total), 1)], run.device)[0]
+
+
+def evaluate_and_log(run, name, data_factory, iteration, consumed_samples):
+    """Evaluate a split and log it as `lm loss <name>`; returns the loss."""
+    loss = evaluate(run, data_factory)
+    log_evaluation(run.writer, name, iteration, consumed_samples, loss)
     return loss
 
 
-def _log_eval(name, iteration, consumed, loss, writer):
-    ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
-    line = f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
-    print_rank_last("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-    writer.add_scalar(f"lm loss {name}", loss, iteration, consumed)
-    writer.add_scalar(f"lm loss {name} ppl", ppl, iteration, consumed)
+def save(run, iteration, consumed_samples):
+    """Save a checkpoint of the run at `iteration` (collective)."""
+    checkpointing.save_checkpoint(run.cfg, iteration, consumed_samples, run.model_chunks,
+                                  run.optimizer, run.scheduler)
 
 
-def _step_scalars(loss_dicts, is_last_stage, exit_signal, start_time, cfg, device):
-    """One all-reduce and one host transfer per iteration for every per-step scalar.
-
-    Returns `(loss, sigterm, duration)`, agreed by every rank: `loss` is the
-    iteration's lm loss averaged over data parallelism (each last-stage rank
-    contributes its micro-batch mean / its number of replicas, i.e. world / PP;
-    a non-finite loss anywhere makes it non-finite everywhere), `sigterm` and
-    `duration` are the stop flags (any rank), so all ranks stop together.
-    """
-    from megatron import mpu
+def exit_reason(cfg, iteration, sigterm, duration):
+    """Why the loop stops after `iteration` before train_iters, or None to go on."""
     t = cfg.training
-    duration = (t.exit_duration_in_mins is not None
-                and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    world = mpu.get_global_world_size()
-    if is_last_stage:
-        loss = _mean_loss_tensor(loss_dicts, device)
-        if world > 1:
-            loss = loss / (world // mpu.get_pipeline_model_parallel_world_size())
-    else:
-        loss = torch.zeros((), dtype=dtype, device=device)
-    flags = torch.tensor([float(exit_signal.received), float(duration)], dtype=dtype,
-                         device=device)
-    scalars = torch.cat([loss.reshape(1), flags])
-    mpu.all_reduce(scalars)  # SUM: the DP mean, and "any rank" for flags
-    loss, sigterm, dur = scalars.tolist()
-    return loss, sigterm > 0, dur > 0
+    if sigterm:
+        return "SIGTERM received"
+    if duration:
+        return f"training.exit_duration_in_mins={t.exit_duration_in_mins} reached"
+    if t.exit_interval and iteration % t.exit_interval == 0 and iteration < t.train_iters:
+        return f"training.exit_interval={t.exit_interval} reached"
+    return None
 
 
-def _on_rank_0(predicate, device):
-    """`predicate()` evaluated on global rank 0 and shared with every rank.
+def _check_nonfinite(cfg, run_length, iteration):
+    # Every rank counts the same run of non-finite losses (the loss is all-reduced),
+    # so all stop together.
+    if run_length >= cfg.training.max_nonfinite_losses:
+        raise TrainingError(f"lm loss was not finite for {run_length} consecutive "
+                            f"iterations (training.max_nonfinite_losses="
+                            f"{cfg.training.max_nonfinite_losses}) at iteration {iteration}: "
+                            f"lower optimizer.lr={cfg.optimizer.lr} or check the data")
 
-    For decisions that lead to collectives (a final save) but read the
-    filesystem, where another node may still see a stale file.
+
+def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
+    """Run optimizer steps from `iteration` until train_iters or an exit condition.
+
+    Returns the history: `train_losses` (last pipeline stage) and `grad_norms` per
+    iteration, `valid_losses`, `exit_reason`, the final `iteration`,
+    `consumed_samples` and `skipped_iterations`.
     """
     from megatron import mpu
-    if mpu.get_global_world_size() == 1:
-        return bool(predicate())
-    flag = torch.tensor([float(bool(predicate())) if mpu.get_global_rank() == 0 else 0.0],
-                        device=device)
-    return bool(mpu.broadcast(flag, src=0).item())
-
-
-def train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_factory,
-          valid_factory, device, iteration, consumed_samples, exit_signal, rng_state=None):
-    """Run optimizer steps until train_iters / an exit condition; return the history."""
-    from megatron import mpu
-    from megatron.mpu.distributed import finalize_model_grads
-    from megatron.schedules import get_forward_backward_func
-
-    t, lg = cfg.training, cfg.logging
-    world = world_size_from_env()
-    num_micro = cfg.num_microbatches(world)
+    cfg, t = run.cfg, run.cfg.training
     gbs = t.global_batch_size
-    forward_backward = get_forward_backward_func()
-    writer = TensorBoardWriter(lg.tensorboard_dir, enabled=is_last_rank())
-    timers = Timers()
     # A resumed run that has already reached train_iters reads no batch; its
     # sampler would also refuse a start at the end of an exactly sized dataset.
-    train_iter = (_iterators(train_factory, len(model_chunks))
+    train_iter = (_iterators(run.train_data, len(run.model_chunks))
                   if iteration < t.train_iters else None)
     if rng_state is not None:
         checkpointing.set_rng_state(rng_state)
     history = {"train_losses": {}, "grad_norms": {}, "valid_losses": {}, "exit_reason": None}
-
-    for c in model_chunks:
+    for c in run.model_chunks:
         c.train()
     start_time = time.time()
     last_stage = mpu.is_pipeline_last_stage(ignore_virtual=True)
-    window = {"loss": 0.0, "count": 0, "skipped": 0, "nan": 0}
-    total_skipped = 0
-    nonfinite_run = 0
-    if iteration == 0 and valid_factory is not None and t.eval_iters > 0:
+    evaluating = run.valid_data is not None and t.eval_iters > 0
+    if iteration == 0 and evaluating:
         # The starting point of the validation curve (about ln(vocab) for a fresh model).
-        vloss = evaluate(cfg, forward_step_func, valid_factory, model_chunks, device)
-        history["valid_losses"][0] = vloss
-        _log_eval("validation", 0, consumed_samples, vloss, writer)
-    timers("interval").start()
-    last_log_iteration = iteration
+        history["valid_losses"][0] = evaluate_and_log(run, "validation", run.valid_data, 0,
+                                                      consumed_samples)
+    window = LogWindow(iteration)
+    total_skipped = nonfinite_run = 0
     print_rank_0(f"training: iterations {iteration} -> {t.train_iters}, global batch {gbs}, "
-                 f"micro batch {t.micro_batch_size}, {num_micro} micro batches per step, "
-                 f"data-parallel size {mpu.get_data_parallel_world_size()}")
+                 f"micro batch {t.micro_batch_size}, {run.schedule.num_microbatches} micro "
+                 f"batches per step, data-parallel size {mpu.get_data_parallel_world_size()}")
     while iteration < t.train_iters:
-        # Also zeroes every chunk's DDP grad buffer (MegatronOptimizer.zero_grad).
-        optimizer.zero_grad()
-        loss_dicts = forward_backward(forward_step_func, train_iter, model_chunks, num_micro,
-                                      cfg.model.seq_length, t.micro_batch_size,
-                                      forward_only=False, grad_scale_func=optimizer.scale_loss)
-        finalize_model_grads(model_chunks)
-        update_successful, grad_norm, num_zeros = optimizer.step()
-        if update_successful:
-            scheduler.step(1)
-        else:
-            total_skipped += 1
-            window["skipped"] += 1
+        step = train_step(run.schedule, run.forward_step_func, train_iter, run.model_chunks,
+                          run.optimizer, run.scheduler)
         iteration += 1
         consumed_samples += gbs
+        total_skipped += not step.update_successful
         # Every rank has the global norm (None when clipping is off).
-        history["grad_norms"][iteration] = None if grad_norm is None else float(grad_norm)
+        history["grad_norms"][iteration] = None if step.grad_norm is None else float(step.grad_norm)
 
         # The loss is only known on the last pipeline stage; the one per-step
         # all-reduce shares its DP mean (and the stop flags) with every rank.
-        loss, sigterm, duration = _step_scalars(loss_dicts, last_stage, exit_signal, start_time,
-                                                cfg, device)
+        duration = (t.exit_duration_in_mins is not None
+                    and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
+        loss, (sigterm, duration) = step_scalars(step.loss_dicts, last_stage,
+                                                 [exit_signal.received, duration], run.device)
         if last_stage:
             history["train_losses"][iteration] = loss
-        if math.isfinite(loss):
-            nonfinite_run = 0
-            if last_stage:
-                window["loss"] += loss
-                window["count"] += 1
-        else:
-            nonfinite_run += 1
-            if last_stage:
-                window["nan"] += 1
-        # Every rank counts the same run of non-finite losses, so all stop together.
-        if nonfinite_run >= t.max_nonfinite_losses:
-            writer.close()
-            raise TrainingError(f"lm loss was not finite for {nonfinite_run} consecutive "
-                                f"iterations (training.max_nonfinite_losses="
-                                f"{t.max_nonfinite_losses}) at iteration {iteration}: lower "
-                                f"optimizer.lr={cfg.optimizer.lr} or check the data")
+        nonfinite_run = 0 if math.isfinite(loss) else nonfinite_run + 1
+        window.add(loss, not step.update_successful, last_stage)
+        if nonfinite_run:
+            _check_nonfinite(cfg, nonfinite_run, iteration)
 
-        lr = scheduler.get_lr() if hasattr(scheduler, "get_lr") else optimizer.param_groups[0]["lr"]
-        if iteration % lg.log_interval == 0:
-            # A resumed run's first window can be shorter than log_interval.
-            elapsed = timers("interval").elapsed() / max(iteration - last_log_iteration, 1)
-            last_log_iteration = iteration
-            tokens_per_sec = gbs * cfg.model.seq_length / max(elapsed, 1e-9)
-            params_norm = calc_params_l2_norm(model_chunks)
-            avg = window["loss"] / window["count"] if window["count"] else float("nan")
-            scale = float(optimizer.get_loss_scale())
-            gn = float(grad_norm) if grad_norm is not None else float("nan")
-            writer.add_scalar("lm loss", avg, iteration, consumed_samples)
-            writer.add_scalar("learning-rate", lr, iteration, consumed_samples)
-            writer.add_scalar("grad-norm", gn, iteration, consumed_samples)
-            writer.add_scalar("tokens-per-sec", tokens_per_sec, iteration, consumed_samples)
-            writer.add_scalar("iteration-time", elapsed, iteration, consumed_samples)
-            writer.add_scalar("params-norm", params_norm, iteration, consumed_samples)
-            writer.add_scalar("loss-scale", scale, iteration, consumed_samples)
-            writer.add_scalar("skipped-iterations", window["skipped"], iteration, consumed_samples)
-            print_rank_last(
-                f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {consumed_samples:12d}"
-                f" | elapsed time per iteration (ms): {elapsed * 1000.0:.1f}"
-                f" | throughput (tokens/s): {tokens_per_sec:.1f} | learning rate: {lr:.3E}"
-                f" | global batch size: {gbs:5d} | lm loss: {avg:.6E} | loss scale: {scale:.1f}"
-                f" | grad norm: {gn:.3f} | params norm: {params_norm:.3f}"
-                f" | number of skipped iterations: {window['skipped']:3d}"
-                f" | number of nan iterations: {window['nan']:3d} |")
-            window = {"loss": 0.0, "count": 0, "skipped": 0, "nan": 0}
-            writer.flush()
-
-        if (valid_factory is not None and t.eval_iters > 0 and iteration % t.eval_interval == 0
-                and iteration < t.train_iters):
-            vloss = evaluate(cfg, forward_step_func, valid_factory, model_chunks, device)
-            history["valid_losses"][iteration] = vloss
-            _log_eval("validation", iteration, consumed_samples, vloss, writer)
+        if iteration % cfg.logging.log_interval == 0:
+            window.emit(run, iteration, consumed_samples, step.grad_norm, run.scheduler.get_lr())
+        if evaluating and iteration % t.eval_interval == 0 and iteration < t.train_iters:
+            history["valid_losses"][iteration] = evaluate_and_log(
+                run, "validation", run.valid_data, iteration, consumed_samples)
 
         ck = cfg.checkpoint
-        saved = False
-        if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
-            checkpointing.save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer,
-                                          scheduler)
-            saved = True
-        reason = None
-        if sigterm:
-            reason = "SIGTERM received"
-        elif duration:
-            reason = f"training.exit_duration_in_mins={t.exit_duration_in_mins} reached"
-        elif t.exit_interval and iteration % t.exit_interval == 0 and iteration < t.train_iters:
-            reason = f"training.exit_interval={t.exit_interval} reached"
+        saved = bool(ck.save and ck.save_interval and iteration % ck.save_interval == 0)
+        if saved:
+            save(run, iteration, consumed_samples)
+        reason = exit_reason(cfg, iteration, sigterm, duration)
         if reason:
             if ck.save and not saved:
-                checkpointing.save_checkpoint(cfg, iteration, consumed_samples, model_chunks,
-                                              optimizer, scheduler)
+                save(run, iteration, consumed_samples)
             print_rank_0(f"exiting at iteration {iteration}: {reason}")
             history["exit_reason"] = reason
             break
-    writer.flush()
-    history.update(iteration=iteration, consumed_samples=consumed_samples, writer=writer,
+    run.writer.flush()
+    history.update(iteration=iteration, consumed_samples=consumed_samples,
                    skipped_iterations=total_skipped)
     return history
 
@@ -364,6 +286,67 @@ def _build_datasets(cfg, datasets_provider):
     return datasets
 
 
+def _on_rank_0(predicate, device):
+    """`predicate()` evaluated on global rank 0 and shared with every rank.
+
+    For decisions that lead to collectives (a final save) but read the
+    filesystem, where another node may still see a stale file.
+    """
+    from megatron import mpu
+    if mpu.get_global_world_size() == 1:
+        return bool(predicate())
+    flag = torch.tensor([float(bool(predicate())) if mpu.get_global_rank() == 0 else 0.0],
+                        device=device)
+    return bool(mpu.broadcast(flag, src=0).item())
+
+
+def sample_text(run, tokenizer):
+    """The configured text sample from the trained model (`training.sample_prompt`,
+    `sample_tokens`, `sample_top_k`: greedy when 1), through megatron.inference.
+
+    Sequence parallelism is a training layout: the sample runs the same weights
+    without it, so a prompt of any length works.
+    """
+    from megatron.inference import InferenceModel, generate_tokens
+    from megatron.model import without_sequence_parallel
+    t = run.cfg.training
+    model = unwrap_model(run.model_chunks[0])
+    im = InferenceModel(model, run.cfg, tokenizer, run.device, iteration=None)
+    prompt = tokenizer.tokenize(t.sample_prompt)[-(im.max_sequence_length - 1):]
+    num_tokens = min(t.sample_tokens, im.max_sequence_length - max(len(prompt), 1))
+    model.eval()
+    try:
+        with without_sequence_parallel(model):
+            tokens, _ = generate_tokens(im, prompt, num_tokens, greedy=t.sample_top_k <= 1,
+                                        top_k=max(t.sample_top_k, 0), seed=t.seed)
+    finally:
+        model.train()
+    return tokenizer.detokenize(tokens if prompt else tokens[1:])
+
+
+def finish(run, history, tokenizer=None):
+    """After a run that reached train_iters: the final validation, the final save (unless
+    the last iteration was just saved), the test split once, then the text sample."""
+    from megatron import mpu
+    it, consumed = history["iteration"], history["consumed_samples"]
+    cfg, t = run.cfg, run.cfg.training
+    if run.valid_data is not None and it > 0 and t.eval_iters > 0:
+        history["valid_losses"][it] = evaluate_and_log(run, "validation", run.valid_data, it,
+                                                       consumed)
+    ck = cfg.checkpoint
+    if ck.save and it > 0 and _on_rank_0(
+            lambda: checkpointing.read_latest_iteration(ck.save) != it, run.device):
+        save(run, it, consumed)
+    if run.test_data is not None and it > 0 and t.eval_iters > 0:
+        # Once, on the held-out test split, after the final save.
+        history["test_loss"] = evaluate_and_log(run, "test", run.test_data, it, consumed)
+    if (tokenizer is not None and t.sample_prompt
+            and mpu.get_pipeline_model_parallel_world_size() == 1):
+        text = sample_text(run, tokenizer)
+        print_rank_0(f"sample from the final model:\n{text}")
+        history["sample"] = text
+
+
 def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenizer=None):
     """Train a model end to end: initialize, build, (resume), train, evaluate, save, sample.
 
@@ -378,11 +361,11 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
     from megatron import mpu
     from megatron.optimizer import get_megatron_optimizer
 
-    world = world_size_from_env()
-    finalize(cfg, world)  # layout errors before any process group exists
+    finalize(cfg, world_size_from_env())  # layout errors before any process group exists
     device = initialize_megatron(cfg)
     exit_signal = _ExitSignal()
     exit_signal.install()
+    writer = None
     try:
         model_chunks = build_model(cfg, model_provider, device)
         n_params = sum(p.numel() for c in model_chunks for p in c.parameters())
@@ -402,33 +385,15 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         # RNGs; keep the (restored) states so a resumed run continues exactly.
         rng_state = checkpointing.get_rng_state()
         datasets = _build_datasets(cfg, datasets_provider)
-        train_f, valid_f, test_f = build_data_iterators(cfg, datasets, consumed, device)
-        history = train(cfg, forward_step_func, model_chunks, optimizer, scheduler, train_f,
-                        valid_f, device, iteration, consumed, exit_signal, rng_state)
-        writer = history.pop("writer")
+        writer = TensorBoardWriter(cfg.logging.tensorboard_dir, enabled=is_last_rank())
+        run = Run(cfg, forward_step_func, model_chunks, optimizer, scheduler,
+                  StepSchedule.from_config(cfg), device, writer,
+                  *build_data_iterators(cfg, datasets, consumed, device))
+        history = train(run, iteration, consumed, exit_signal, rng_state)
         if history["exit_reason"] is None:
-            it, consumed = history["iteration"], history["consumed_samples"]
-            if valid_f is not None and it > 0 and cfg.training.eval_iters > 0:
-                vloss = evaluate(cfg, forward_step_func, valid_f, model_chunks, device)
-                history["valid_losses"][it] = vloss
-                _log_eval("validation", it, consumed, vloss, writer)
-            ck = cfg.checkpoint
-            if ck.save and it > 0 and _on_rank_0(
-                    lambda: checkpointing.read_latest_iteration(ck.save) != it, device):
-                checkpointing.save_checkpoint(cfg, it, consumed, model_chunks, optimizer, scheduler)
-            if test_f is not None and it > 0 and cfg.training.eval_iters > 0:
-                # Once, on the held-out test split, after the final save.
-                tloss = evaluate(cfg, forward_step_func, test_f, model_chunks, device)
-                history["test_loss"] = tloss
-                _log_eval("test", it, consumed, tloss, writer)
-            if (tokenizer is not None and cfg.training.sample_prompt
-                    and mpu.get_pipeline_model_parallel_world_size() == 1):
-                text = generate_sample(model_chunks[0], tokenizer, cfg.training.sample_prompt,
-                                       cfg.training.sample_tokens, cfg.model.seq_length, device,
-                                       top_k=cfg.training.sample_top_k, seed=cfg.training.seed)
-                print_rank_0(f"sample from the final model:\n{text}")
-                history["sample"] = text
-        writer.close()
+            finish(run, history, tokenizer)
         return history
     finally:
+        if writer is not None:
+            writer.close()
         exit_signal.restore()

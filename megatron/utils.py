@@ -1,4 +1,5 @@
-"""Small helpers of the training loop: norms, loss averaging, a text sample."""
+"""Small helpers of the training loop: the precision table, unwrapping, norms, loss averaging,
+perplexity."""
 import math
 
 import torch
@@ -62,38 +63,7 @@ def average_over_data_parallel(values, device):
     return t.tolist()
 
 
-@torch.no_grad()
-def generate_sample(model, tokenizer, prompt, num_tokens, seq_length, device, top_k=1, seed=1234):
-    """Continue `prompt` by `num_tokens` tokens with one model chunk (no pipelining).
-
-    Greedy when top_k is 1, otherwise top-k sampling from a seeded generator so
-    the sample is reproducible. Logits of padded vocabulary entries are ignored.
-    """
-    from megatron import mpu
-    model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    ids = tokenizer.tokenize(prompt)
-    if not ids:
-        ids = [tokenizer.eod]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for _ in range(num_tokens):
-        context = ids[-seq_length:]
-        tokens = torch.tensor([context], dtype=torch.long, device=device)
-        positions = torch.arange(len(context), dtype=torch.long, device=device).unsqueeze(0)
-        logits = model(tokens, positions)
-        if mpu.get_tensor_model_parallel_world_size() > 1:
-            logits = mpu.gather_from_tensor_model_parallel_region(logits)
-        last = logits[0, -1, :tokenizer.vocab_size].float().cpu()
-        if top_k <= 1:
-            next_id = int(last.argmax())
-        else:
-            values, indices = last.topk(min(top_k, last.numel()))
-            probs = torch.softmax(values, dim=-1)
-            next_id = int(indices[torch.multinomial(probs, 1, generator=gen)])
-        ids.append(next_id)
-        if next_id == tokenizer.eod:
-            break
-    if was_training:
-        model.train()
-    return tokenizer.detokenize(ids)
+def perplexity(loss):
+    """exp(loss), capped at exp(20): a diverged loss would overflow a float (Megatron-LM
+    caps it the same way); NaN for a non-finite loss."""
+    return math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")

@@ -51,7 +51,7 @@ def test_wikitext_equals_direct_computation(loaded, tmp_path, capsys, ov):
 
 
 def test_wikitext_detokenizer_and_window_errors():
-    from megatron.evaluation import sliding_windows, wikitext_detokenize
+    from megatron.inference.evaluation import sliding_windows, wikitext_detokenize
     assert wikitext_detokenize("a @-@ b , c ( d ) 1 @,@ 000") == "a-b, c (d) 1,000"
     # every target exactly once, whatever the stride
     for n, seq, ov in [(10, 4, 1), (100, 16, 5), (17, 16, 16), (5, 16, 3)]:

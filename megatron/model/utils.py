@@ -93,3 +93,23 @@ def dropout_rng_context(split_across_tp, active):
     if split_across_tp and active:
         return mpu.get_rng_tracker().fork()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def without_sequence_parallel(model):
+    """Run ``model`` with sequence parallelism switched off (restored afterwards).
+
+    Sequence parallelism is a training layout over the same weights: off, every
+    TP rank holds the whole sequence (the linears all-reduce instead of
+    reduce-scattering, the embedding does not scatter), so the outputs are the
+    same and a sequence of any length works. Generation from a model trained with
+    it relies on this.
+    """
+    switched = [m for m in model.modules() if getattr(m, "sequence_parallel", False) is True]
+    for m in switched:
+        m.sequence_parallel = False
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.sequence_parallel = True

@@ -16,10 +16,11 @@ must be the greedy prediction; otherwise only the last token of the
 tokenized passage is predicted.
 """
 import json
-import math
 import re
 
 import torch
+
+from megatron.utils import perplexity
 
 
 def wikitext_detokenize(text):
@@ -84,8 +85,8 @@ def evaluate_wikitext(im, text, overlapping_eval=32, detokenize=True, progress=N
         total += float(nll[first - start - 1:].sum())
     scored = len(tokens) - 1
     words = max(num_original - 1, 1)
-    return {"task": "wikitext", "ppl": math.exp(min(20.0, total / scored)),
-            "adjusted_ppl": math.exp(min(20.0, total / words)), "total_nll": total,
+    return {"task": "wikitext", "ppl": perplexity(total / scored),
+            "adjusted_ppl": perplexity(total / words), "total_nll": total,
             "num_tokenized_tokens": len(tokens), "num_original_tokens": num_original,
             "token_ratio": scored / words, "num_windows": len(windows),
             "overlapping_eval": overlapping_eval}
