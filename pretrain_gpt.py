@@ -77,7 +77,7 @@ def main(argv=None):
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.data.gpt_dataset import DataConfigError
     from megatron.data.indexed_dataset import IndexedDatasetError
     from megatron.data.preprocess import PreprocessError

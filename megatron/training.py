@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron import checkpointing
+from megatron import checkpoint
 from megatron.config import finalize
 from megatron.errors import UserError
 from megatron.initialize import initialize_megatron, world_size_from_env
@@ -162,7 +162,7 @@ def evaluate_and_log(run, name, data_factory, iteration, consumed_samples):
 
 def save(run, iteration, consumed_samples):
     """Save a checkpoint of the run at `iteration` (collective)."""
-    checkpointing.save_checkpoint(run.cfg, iteration, consumed_samples, run.model_chunks,
+    checkpoint.save_checkpoint(run.cfg, iteration, consumed_samples, run.model_chunks,
                                   run.optimizer, run.scheduler)
 
 
@@ -203,7 +203,7 @@ def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
     train_iter = (_iterators(run.train_data, len(run.model_chunks))
                   if iteration < t.train_iters else None)
     if rng_state is not None:
-        checkpointing.set_rng_state(rng_state)
+        checkpoint.set_rng_state(rng_state)
     history = {"train_losses": {}, "grad_norms": {}, "valid_losses": {}, "exit_reason": None}
     for c in run.model_chunks:
         c.train()
@@ -335,7 +335,7 @@ def finish(run, history, tokenizer=None):
                                                        consumed)
     ck = cfg.checkpoint
     if ck.save and it > 0 and _on_rank_0(
-            lambda: checkpointing.read_latest_iteration(ck.save) != it, run.device):
+            lambda: checkpoint.read_latest_iteration(ck.save) != it, run.device):
         save(run, it, consumed)
     if run.test_data is not None and it > 0 and t.eval_iters > 0:
         # Once, on the held-out test split, after the final save.
@@ -379,11 +379,11 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         iteration, consumed = 0, 0
         if cfg.checkpoint.load:
             with fail_together("loading the checkpoint"):
-                iteration, consumed = checkpointing.load_checkpoint(cfg, model_chunks, optimizer,
+                iteration, consumed = checkpoint.load_checkpoint(cfg, model_chunks, optimizer,
                                                                     scheduler)
         # Building datasets and data-loader iterators may draw from the global
         # RNGs; keep the (restored) states so a resumed run continues exactly.
-        rng_state = checkpointing.get_rng_state()
+        rng_state = checkpoint.get_rng_state()
         datasets = _build_datasets(cfg, datasets_provider)
         writer = TensorBoardWriter(cfg.logging.tensorboard_dir, enabled=is_last_rank())
         run = Run(cfg, forward_step_func, model_chunks, optimizer, scheduler,

@@ -52,7 +52,7 @@ def _fixed_batch_loss(prefix, root, tp, pp):
 
     import pretrain_gpt
     from megatron import mpu
-    from megatron.checkpointing import load_checkpoint
+    from megatron.checkpoint import load_checkpoint
     from megatron.config import finalize, load_config
     from megatron.model import GPTModel
     from megatron.schedules import get_forward_backward_func
@@ -86,7 +86,7 @@ def _reset_layout():
 
 
 def _convert_runs(workdir):
-    from megatron.checkpoint_convert import convert_checkpoint
+    from megatron.checkpoint import convert_checkpoint
     rank = torch.distributed.get_rank()
     prefix = os.path.join(workdir, "corpus")
     d = {k: os.path.join(workdir, k) for k in ("orig", "tp1", "tp4", "tp1_noopt", "vp", "from_vp")}
@@ -145,8 +145,8 @@ def _convert_runs(workdir):
 
 def _embedding_rows(root):
     """The checkpoint's (merged) word-embedding rows: its padded vocabulary size."""
-    from megatron.reshard import WORD_EMBEDDINGS, CheckpointShards, merge_model_state
-    return merge_model_state(CheckpointShards(root))[WORD_EMBEDDINGS].shape[0]
+    from megatron.checkpoint import WORD_EMBEDDINGS_KEY, CheckpointShards, merge_model_state
+    return merge_model_state(CheckpointShards(root))[WORD_EMBEDDINGS_KEY].shape[0]
 
 
 def _generations(im):
@@ -201,10 +201,10 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
 
 
 def test_partition_rules_match_the_model():
-    """The name table of megatron.reshard agrees with the attributes the model's layers set."""
+    """The name table of megatron.checkpoint.reshard agrees with the attributes the model's layers set."""
     from megatron.config import Config
     from megatron.model import GPTModel
-    from megatron.reshard import partition_dim
+    from megatron.checkpoint.reshard import partition_dim
     cfg = Config()
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 16, 2
     cfg.model.seq_length = 8
@@ -216,9 +216,8 @@ def test_partition_rules_match_the_model():
 
 def test_split_merge_round_trip_and_errors(tmp_path):
     """QKV split per head, vocabulary re-padding, and one-line errors for impossible layouts."""
-    from megatron.checkpoint_convert import convert_checkpoint
-    from megatron.checkpointing import CheckpointError
-    from megatron.reshard import CheckpointShards, merge_model_state, split_tensor
+    from megatron.checkpoint import (CheckpointError, CheckpointShards, convert_checkpoint,
+                                     merge_model_state, split_tensor)
     from tests.test_generate import make_bpe_checkpoint
     ref = make_bpe_checkpoint(str(tmp_path / "a"), steps=1, tp=2, pp=2)
     full = merge_model_state(CheckpointShards(str(tmp_path / "a")))

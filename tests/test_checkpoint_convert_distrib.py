@@ -28,7 +28,7 @@ def _runs(workdir):
 
 
 def _scenario(workdir, prefix, precision, tp, pp):
-    from megatron.checkpoint_convert import convert_checkpoint
+    from megatron.checkpoint import convert_checkpoint
     rank = torch.distributed.get_rank()
     orig = os.path.join(workdir, f"{precision}_orig")
     conv = os.path.join(workdir, f"{precision}_tp{tp}_pp{pp}")
@@ -84,8 +84,8 @@ def test_mixed_dtype_distributed_state_is_refused(tmp_path):
     """More than one param dtype means several grad buffers per chunk: refused in one line."""
     from types import SimpleNamespace
 
-    from megatron.checkpointing import CheckpointError
-    from megatron.reshard import plain_state_from_distributed
+    from megatron.checkpoint import CheckpointError
+    from megatron.checkpoint.reshard import plain_state_from_distributed
     rank_dir = tmp_path / "iter_0000004" / "mp_rank_00"
     rank_dir.mkdir(parents=True)
     torch.save({}, rank_dir / "distrib_optim_dp_000.pt")

@@ -20,7 +20,7 @@ def _hf_logits(hf_model, tokens):
 
 
 def test_export_tp2_checkpoint_matches_transformers(tmp_path):
-    from megatron.hf_gpt2 import export_to_hf
+    from megatron.checkpoint import export_to_hf
     from megatron.inference.generation import generate_tokens
     from megatron.inference.loader import load_inference_model
     ckpt = str(tmp_path / "ckpt_tp2")
@@ -51,7 +51,7 @@ def test_export_tp2_checkpoint_matches_transformers(tmp_path):
 
     # Importing the export back gives the same model.
     back = str(tmp_path / "back")
-    from megatron.hf_gpt2 import import_from_hf
+    from megatron.checkpoint import import_from_hf
     import_from_hf(hf_dir, back, tp=2, log=lambda *_: None)
     im2 = load_inference_model(back, device=torch.device("cpu"))
     assert im2.tokenizer.tokenize(PROMPT) == prompt

@@ -33,7 +33,7 @@ def _in_step():
 
 
 def _worker(tmp):
-    from megatron import checkpointing, mpu
+    from megatron import checkpoint, mpu
     from megatron.config import load_config
     from megatron.data.index_builders import cached_arrays
     from megatron.training import _build_datasets
@@ -67,19 +67,19 @@ def _worker(tmp):
     mpu.initialize_model_parallel(WORLD)  # TP=3: every rank writes its own file
     torch.manual_seed(rank)
     chunks = [torch.nn.Linear(4, 4)]
-    checkpointing.save_checkpoint(cfg, 1, 8, chunks, None, None)
-    real_save = checkpointing._atomic_torch_save
+    checkpoint.save_checkpoint(cfg, 1, 8, chunks, None, None)
+    real_write = checkpoint.files.atomic_write
 
-    def full_disk_on_rank_2(obj, path):
+    def full_disk_on_rank_2(path, obj):
         if dist.get_rank() == 2:
             raise OSError(28, "No space left on device")
-        real_save(obj, path)
-    checkpointing._atomic_torch_save = full_disk_on_rank_2
-    out["save"] = (_error(lambda: checkpointing.save_checkpoint(cfg, 2, 16, chunks, None, None)),
+        real_write(path, obj)
+    checkpoint.files.atomic_write = full_disk_on_rank_2
+    out["save"] = (_error(lambda: checkpoint.save_checkpoint(cfg, 2, 16, chunks, None, None)),
                    _in_step())
-    checkpointing._atomic_torch_save = real_save
-    out["latest"] = checkpointing.read_latest_iteration(cfg.checkpoint.save)
-    out["iterations"] = checkpointing.list_checkpoints(cfg.checkpoint.save)
+    checkpoint.files.atomic_write = real_write
+    out["latest"] = checkpoint.read_latest_iteration(cfg.checkpoint.save)
+    out["iterations"] = checkpoint.list_checkpoints(cfg.checkpoint.save)
     return out
 
 

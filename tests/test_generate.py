@@ -48,7 +48,7 @@ def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1):
 
     Returns the trained TP=1 model (eval mode) for reference computations.
     """
-    from megatron.checkpoint_convert import build_rank_files, write_checkpoint
+    from megatron.checkpoint import build_rank_files, write_checkpoint
     from megatron.model import GPTModel
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
     cfg = tiny_bpe_config(seed)

@@ -56,7 +56,7 @@ def _switch_runs(workdir):
             out[precision][f"{first}->{not first}"] = (resumed, _step_of(root + "_resumed", rank))
     # Still refused: fp32 plain state has no fp32 masters for a bf16 distributed optimizer.
     from megatron import mpu
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     try:
         run("bf16", True, **{"checkpoint.load": os.path.join(workdir, "fp32_plain")})
     except CheckpointError as e:

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from megatron import checkpointing
+from megatron import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,4 +31,4 @@ def test_quickstart_config_end_to_end(tmp_path):
     assert os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")
     assert "validation loss at iteration 3" in log
     assert "sample from the final model:\nIn the beginning" in log
-    assert checkpointing.read_latest_iteration(save) == 3
+    assert checkpoint.read_latest_iteration(save) == 3

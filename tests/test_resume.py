@@ -35,7 +35,7 @@ def _resume_runs(workdir, world):
     second = run_pretrain(tiny_overrides(prefix, **common, **{
         "checkpoint.save": split_dir, "checkpoint.load": split_dir}))
 
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     mismatch = None
     try:
         if world > 1:  # the layout check needs one launch only
@@ -89,7 +89,7 @@ def _dp2_source_runs(workdir):
     (error), and resumes from a copy without optimizer state (fp32 and bf16)."""
     import shutil
     from megatron import mpu
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     rank = torch.distributed.get_rank()
     prefix = os.path.join(workdir, "corpus")
     if rank == 0:
@@ -131,7 +131,7 @@ def _dp2_source_runs(workdir):
 def _dp1_resharding_runs(workdir):
     """The DP=2 shards re-sharded at DP=1; a plain checkpoint into a distributed optimizer."""
     from megatron import mpu
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     prefix = os.path.join(workdir, "corpus")
     resharded = run_pretrain(_optimizer_common(prefix, **{
         "parallel.distributed_optimizer": True, "checkpoint.load": os.path.join(workdir, "dp2")}))

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from megatron import checkpointing
+from megatron import checkpoint
 from tests.dist_harness import free_port
 from tests.test_training import make_corpus, tiny_overrides
 
@@ -34,7 +34,7 @@ def _losses(log):
 
 
 def _final_model(save):
-    it = checkpointing.read_latest_iteration(save)
+    it = checkpoint.read_latest_iteration(save)
     path = os.path.join(save, f"iter_{it:07d}", "mp_rank_00", "model_optim_rng.pt")
     return it, torch.load(path, weights_only=True)
 

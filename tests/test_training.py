@@ -85,8 +85,8 @@ def _single_rank_runs(workdir):
     ck = os.path.join(workdir, "ck_duration")
     timed_out = run_pretrain(tiny_overrides(prefix, **{"training.exit_duration_in_mins": 1e-9,
                                                        "checkpoint.save": ck}))
-    from megatron import checkpointing
-    timed_out["checkpoints"] = checkpointing.list_checkpoints(ck)
+    from megatron import checkpoint
+    timed_out["checkpoints"] = checkpoint.list_checkpoints(ck)
     nan_error = None
     from megatron.training import TrainingError
     try:

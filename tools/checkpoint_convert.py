@@ -31,8 +31,7 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the tokenizer's vocabulary size (default: built from the checkpoint's config)")
     args = p.parse_args(argv)
-    from megatron.checkpoint_convert import convert_checkpoint
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError, convert_checkpoint
     try:
         convert_checkpoint(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
                            args.target_pipeline_parallel_size,

@@ -32,8 +32,7 @@ def main(argv=None):
     i.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     i.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = p.parse_args(argv)
-    from megatron.checkpointing import CheckpointError
-    from megatron.hf_gpt2 import export_to_hf, import_from_hf
+    from megatron.checkpoint import CheckpointError, export_to_hf, import_from_hf
     try:
         if args.command == "export":
             export_to_hf(args.load_dir, args.save_dir, vocab_size=args.vocab_size)

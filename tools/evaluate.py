@@ -31,7 +31,7 @@ def main(argv=None):
 
     import torch
     from tqdm import tqdm
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.inference.evaluation import evaluate_lambada, evaluate_wikitext, read_lambada
     from megatron.inference.loader import init_inference_parallel, load_inference_model
     from megatron.initialize import select_device

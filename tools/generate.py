@@ -30,7 +30,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.inference.generation import generate
     from megatron.inference.loader import init_inference_parallel, load_inference_model
     from megatron.initialize import select_device

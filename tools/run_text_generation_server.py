@@ -31,7 +31,7 @@ def main(argv=None):
         print("error: the server runs as one process (it merges any checkpoint layout itself); "
               "start it without torchrun", file=sys.stderr)
         return 1
-    from megatron.checkpointing import CheckpointError
+    from megatron.checkpoint import CheckpointError
     from megatron.inference.loader import load_inference_model
     from megatron.inference.server import ServerLimits, make_server
     from megatron.initialize import select_device

@@ -1,8 +1,9 @@
 """Build an evaluation-mode GPTModel from a checkpoint of any TP / PP layout.
 
-The checkpoint's shards are merged in memory (megatron.reshard) and the model
-is built at this process's tensor-parallel size: 1 for a plain process, the
-world size when the tools run under torchrun (``init_inference_parallel``).
+The checkpoint's shards are merged in memory (megatron.checkpoint.reshard) and
+the model is built at this process's tensor-parallel size: 1 for a plain
+process, the world size when the tools run under torchrun
+(``init_inference_parallel``).
 Pipeline parallelism is not used for inference: every layer lives on each rank.
 """
 import os
@@ -10,9 +11,9 @@ import os
 import torch
 
 from megatron import mpu
-from megatron.checkpointing import CheckpointError
-from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state, resize_vocab,
-                              split_tensor, target_padded_vocab)
+from megatron.checkpoint import CheckpointError
+from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards, merge_model_state,
+                                         resize_vocab, split_tensor, target_padded_vocab)
 from megatron.utils import DTYPES
 
 
@@ -90,11 +91,11 @@ def load_inference_model(load_dir, device=None, dtype=None, iteration=None, toke
         raise CheckpointError("inference runs without pipeline parallelism (every rank holds "
                               "all layers); initialize model parallelism with PP=1")
     full = merge_model_state(shards)
-    if tokenizer.vocab_size > full[WORD_EMBEDDINGS].shape[0]:
+    if tokenizer.vocab_size > full[WORD_EMBEDDINGS_KEY].shape[0]:
         raise CheckpointError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the "
-                              f"checkpoint's {full[WORD_EMBEDDINGS].shape[0]} embedding rows")
+                              f"checkpoint's {full[WORD_EMBEDDINGS_KEY].shape[0]} embedding rows")
     rows = target_padded_vocab(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
-    full[WORD_EMBEDDINGS] = resize_vocab(full[WORD_EMBEDDINGS], rows)
+    full[WORD_EMBEDDINGS_KEY] = resize_vocab(full[WORD_EMBEDDINGS_KEY], rows)
 
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, 1

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from megatron.model.utils import (POSITION_EMBEDDINGS, WORD_EMBEDDINGS, dropout_rng_context,
-                                  init_method_normal, seeded_init)
+from megatron.model.utils import (SEED_SLOT_POSITION_EMBEDDINGS, SEED_SLOT_WORD_EMBEDDINGS,
+                                  dropout_rng_context, init_method_normal, seeded_init)
 
 
 def prefix_stable_init_normal(std):
@@ -34,7 +34,7 @@ def build_word_embeddings(cfg, padded_vocab_size):
     that is not the first: both get the same initial weight. Its real rows are
     the same whatever the padding (``prefix_stable_init_normal``).
     """
-    with seeded_init(cfg.training.seed, WORD_EMBEDDINGS):
+    with seeded_init(cfg.training.seed, SEED_SLOT_WORD_EMBEDDINGS):
         return mpu.VocabParallelEmbedding(
             padded_vocab_size, cfg.model.hidden_size,
             init_method=prefix_stable_init_normal(cfg.model.init_method_std),
@@ -56,7 +56,7 @@ class Embedding(torch.nn.Module):
         m = cfg.model
         self.word_embeddings = build_word_embeddings(cfg, padded_vocab_size)
         max_positions = m.max_position_embeddings or m.seq_length
-        with seeded_init(cfg.training.seed, POSITION_EMBEDDINGS):
+        with seeded_init(cfg.training.seed, SEED_SLOT_POSITION_EMBEDDINGS):
             self.position_embeddings = torch.nn.Embedding(max_positions, m.hidden_size)
             init_method_normal(m.init_method_std)(self.position_embeddings.weight.data)
         self.dropout = m.hidden_dropout

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from megatron import fused_kernels, mpu
 from megatron.model.embedding import Embedding, build_word_embeddings
 from megatron.model.transformer import ParallelTransformerLayer
-from megatron.model.utils import (FINAL_LAYERNORM, layer_position, mark_replicated,
+from megatron.model.utils import (SEED_SLOT_FINAL_LAYERNORM, layer_position, mark_replicated,
                                   mark_sequence_parallel, seeded_init, stage_layer_range)
 
 RECOMPUTE_CHOICES = ("none", "full", "selective")
@@ -113,7 +113,7 @@ class GPTModel(torch.nn.Module):
         self.layers = torch.nn.ModuleDict(layers)
 
         if post_process:
-            with seeded_init(cfg.training.seed, FINAL_LAYERNORM):
+            with seeded_init(cfg.training.seed, SEED_SLOT_FINAL_LAYERNORM):
                 self.final_layernorm = fused_kernels.LayerNorm(
                     cfg.model.hidden_size, eps=cfg.model.layernorm_epsilon)
             if self.sequence_parallel:

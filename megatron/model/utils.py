@@ -6,12 +6,14 @@ import torch
 
 from megatron import mpu
 
-# Offsets that give each module of the model its own init seed. Layer i uses
-# _LAYER_OFFSET + i, so the seed depends on the global position only, never on
-# the TP / PP layout that decides which rank builds the module.
-WORD_EMBEDDINGS = 1
-POSITION_EMBEDDINGS = 2
-FINAL_LAYERNORM = 3
+# Seed slots: offsets that give each module of the model its own init seed
+# (module_seed). Layer i uses _LAYER_OFFSET + i, so the seed depends on the
+# global position only, never on the TP / PP layout that decides which rank
+# builds the module. (State-dict keys are another thing: see
+# megatron.checkpoint.WORD_EMBEDDINGS_KEY.)
+SEED_SLOT_WORD_EMBEDDINGS = 1
+SEED_SLOT_POSITION_EMBEDDINGS = 2
+SEED_SLOT_FINAL_LAYERNORM = 3
 _LAYER_OFFSET = 1000
 _SEED_STRIDE = 1_000_003
 

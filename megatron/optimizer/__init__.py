@@ -8,38 +8,41 @@ import functools
 
 import torch
 
-from megatron.optimizer.distributed_optimizer import DistributedOptimizer
+from megatron.optimizer.distributed_optimizer import DistributedOptimizer, clone_if_tensor
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.lr_scheduler import OptimizerParamScheduler
-from megatron.optimizer.optimizer import (FP32Optimizer, MegatronOptimizer,
+from megatron.optimizer.optimizer import (HALF_DTYPES, FP32Optimizer, MegatronOptimizer,
                                           MixedPrecisionOptimizer)
 
 __all__ = ["get_megatron_optimizer", "MegatronOptimizer", "FP32Optimizer",
            "MixedPrecisionOptimizer", "DistributedOptimizer", "ConstantGradScaler",
-           "DynamicGradScaler", "OptimizerParamScheduler", "get_param_groups"]
+           "DynamicGradScaler", "OptimizerParamScheduler", "get_param_groups",
+           "is_no_weight_decay", "HALF_DTYPES", "clone_if_tensor"]
 
-_announced = False
+
+def is_no_weight_decay(name, param):
+    """True for the params trained without weight decay: biases and other 1-D
+    tensors (LayerNorm weights). ``param`` may be a parameter or a saved tensor."""
+    return name.endswith(".bias") or param.dim() == 1
 
 
 def get_param_groups(model_chunks, weight_decay):
     """Two groups over the trainable params of all chunks: with weight decay,
-    and without it for biases and other 1-D params (norm weights)."""
+    and without it (``is_no_weight_decay``)."""
     decay, no_decay, seen = [], [], set()
     for chunk in model_chunks:
         for name, p in chunk.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+            (no_decay if is_no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": float(weight_decay)},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+@functools.lru_cache(maxsize=None)
 def _announce(text):
-    global _announced
-    if _announced:
-        return
-    _announced = True
+    """Print which AdamW implementation is used, once per process for each choice."""
     from megatron.logging import print_rank_0
     print_rank_0(f"> optimizer: {text}")
 

@@ -158,7 +158,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for k, e in enumerate(self._order):
             b = self._buffers.index(e.buffer)
             if full["step"] is not None:  # every slice is stepped together: one count fits all
-                new_state[k] = {"step": _clone(full["step"]),
+                new_state[k] = {"step": clone_if_tensor(full["step"]),
                                 "exp_avg": full["exp_avg"][b][e.lo:e.hi].clone(),
                                 "exp_avg_sq": full["exp_avg_sq"][b][e.lo:e.hi].clone()}
         self.optimizer.load_state_dict(
@@ -171,7 +171,8 @@ class DistributedOptimizer(MegatronOptimizer):
         self._copy_main_params_to_model_params()
 
 
-def _clone(x):
+def clone_if_tensor(x):
+    """A copy of ``x`` if it is a tensor (an Adam step count may be either), else ``x``."""
     return x.clone() if torch.is_tensor(x) else x
 
 

@@ -17,7 +17,8 @@ from megatron.mpu import distributed as mpu_distributed
 from megatron.optimizer.clip_grads import (clip_grads_by_norm, count_zeros,
                                            counts_toward_norm, get_grad_norm)
 
-_HALF = (torch.float16, torch.bfloat16)
+# Param dtypes that get an fp32 master copy.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MASTER_ATTRS = ("tensor_model_parallel", "partition_dim", "sequence_parallel",
                  "tied_embedding", "shared_embedding")
 
@@ -194,7 +195,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
         for group in param_groups:
             masters = []
             for p in group["params"]:
-                if p.dtype in _HALF:
+                if p.dtype in HALF_DTYPES:
                     master = p.detach().clone().float()
                     for attr in _MASTER_ATTRS:
                         if hasattr(p, attr):

@@ -9,9 +9,9 @@ into that layout or read back out of it through ``GradBuffer.index``.
 """
 import torch
 
-from megatron.optimizer.distributed_optimizer import (_clone, full_state_from_shards,
+from megatron.optimizer.distributed_optimizer import (clone_if_tensor, full_state_from_shards,
                                                       merge_param_groups)
-from megatron.optimizer.optimizer import _HALF
+from megatron.optimizer.optimizer import HALF_DTYPES
 
 
 def _buffer_index(buffers):
@@ -32,7 +32,7 @@ def plain_to_distributed(optimizer, plain):
         raise ValueError(f"plain optimizer checkpoint holds {len(ids)} params but this model "
                          f"has {len(params)}")
     masters = list(plain.get("fp32_from_fp16_params") or [])
-    n_half = sum(p.dtype in _HALF for p in params)
+    n_half = sum(p.dtype in HALF_DTYPES for p in params)
     if len(masters) != n_half:
         raise ValueError(f"plain optimizer checkpoint holds {len(masters)} fp32 master params "
                          f"but this model has {n_half} half-precision params")
@@ -43,7 +43,7 @@ def plain_to_distributed(optimizer, plain):
     step = None
     for i, p in zip(ids, params):
         b, lo, hi = where[p]
-        value = next(masters) if p.dtype in _HALF else p.detach()
+        value = next(masters) if p.dtype in HALF_DTYPES else p.detach()
         if value.numel() != p.numel():
             raise ValueError(f"plain optimizer checkpoint's fp32 master of shape "
                              f"{tuple(value.shape)} does not match param {tuple(p.shape)}")
@@ -80,7 +80,7 @@ def distributed_to_plain(optimizer, shards):
         # Views of the full buffers (load_state_dict keeps same-dtype tensors as they are).
         fp32_value[p] = full["param"][b][lo:hi].view_as(main)
         if full["step"] is not None:
-            state[i] = {"step": _clone(full["step"]),
+            state[i] = {"step": clone_if_tensor(full["step"]),
                         "exp_avg": full["exp_avg"][b][lo:hi].view_as(main),
                         "exp_avg_sq": full["exp_avg_sq"][b][lo:hi].view_as(main)}
     # fp32 model params need no copy: the model file holds them, gathered after

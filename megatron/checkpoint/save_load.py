@@ -1,66 +1,24 @@
-"""Per-rank checkpoints with atomic writes and exact resume.
+"""Training checkpoints: per-rank save and exact resume.
 
-Layout: `{save}/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt` plus
-`{save}/latest_checkpointed_iteration.txt`. Every rank writes into
-`iter_{N:07d}.tmp`; after a barrier global rank 0 renames it into place and then
-rewrites the latest file (temporary name, then rename), so a crash while saving
-leaves the previous checkpoint and its latest file untouched. Everything stored
-is made of tensors, numbers, strings, lists and dicts so that
-`torch.load(weights_only=True)` reads it.
+Every rank writes into `iter_{N:07d}.tmp`; after a barrier global rank 0 renames
+it into place and then rewrites the latest file (temporary name, then rename),
+so a crash while saving leaves the previous checkpoint and its latest file
+untouched.
 """
 import os
-import random
 import shutil
 
-import numpy as np
-import torch
-
-from megatron.errors import UserError
+from megatron.checkpoint import files
+from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError,
+                                       existing_iteration_dir, iteration_dir, load_file,
+                                       prune_checkpoints, rank_dir_name, read_latest_iteration,
+                                       remove_stale_tmp_dirs, replace_dir, shard_file_name,
+                                       shard_files, write_latest_iteration)
+from megatron.checkpoint.rank_state import (build_rank_state, gather_rng_states_over_dp,
+                                            model_states, parallel_sizes, set_rng_state)
 from megatron.logging import print_rank_0
 from megatron.mpu.collectives import fail_together
 from megatron.utils import unwrap_model
-
-LATEST = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used with this configuration (one-line message)."""
-
-
-def iteration_dir(root, iteration):
-    """`{root}/iter_{N:07d}`."""
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def existing_iteration_dir(root, iteration):
-    """The folder holding `iteration`'s checkpoint: `iter_N`, or `iter_N.old` when only
-    that exists (a crash between the two renames of an iteration saved a second time:
-    the earlier save of the same iteration is then complete under `.old`)."""
-    path = iteration_dir(root, iteration)
-    old = path + ".old"
-    if not os.path.isdir(path) and os.path.isdir(old):
-        print_rank_0(f"warning: {path} is missing but {old} exists (a save of iteration "
-                     f"{iteration} was interrupted while replacing it): loading {old}")
-        return old
-    return path
-
-
-def _remove_stale_tmp_dirs(root, iteration):
-    """Remove `iter_*.tmp` folders left by crashed saves of iterations other than `iteration`."""
-    keep = os.path.basename(iteration_dir(root, iteration)) + ".tmp"
-    for name in os.listdir(root):
-        if (name.startswith("iter_") and name.endswith(".tmp") and name != keep
-                and os.path.isdir(os.path.join(root, name))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def rank_dir_name(tp_rank, pp_rank, pp_size):
-    """`mp_rank_XX` without pipelining, `mp_rank_XX_YYY` with it (Megatron's names)."""
-    if pp_size == 1:
-        return f"mp_rank_{tp_rank:02d}"
-    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 def _my_rank_dir_name():
@@ -70,87 +28,7 @@ def _my_rank_dir_name():
                          mpu.get_pipeline_model_parallel_world_size())
 
 
-def read_latest_iteration(root):
-    """The iteration named by the latest file under `root`, or None when there is none."""
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number") from None
-
-
-def _atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    # On disk before the latest file (fsynced) can name this checkpoint.
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- RNG states
-def get_rng_state():
-    """Every RNG state of this process as tensors/lists (weights_only-loadable)."""
-    from megatron import mpu
-    version, mt, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
-                   "gauss": gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),
-                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch_cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "tracker": mpu.get_rng_tracker().get_states(),
-    }
-    return state
-
-
-def set_rng_state(state):
-    """Restore what get_rng_state() returned."""
-    from megatron import mpu
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["gauss"]))
-    torch.set_rng_state(state["torch_cpu"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    mpu.get_rng_tracker().set_states(state["tracker"])
-
-
-def _gather_rng_states_over_dp():
-    """RNG states of every DP rank (rank-ordered), so that DP rank 0 can store them all."""
-    from megatron import mpu
-    state = get_rng_state()
-    if mpu.get_data_parallel_world_size() == 1:
-        return [state]
-    return mpu.all_gather_object(state, group=mpu.get_data_parallel_group())
-
-
 # ---------------------------------------------------------------- save
-def _model_state(model_chunks):
-    if len(model_chunks) == 1:
-        return {"model": unwrap_model(model_chunks[0]).state_dict()}
-    return {f"model{i}": unwrap_model(c).state_dict() for i, c in enumerate(model_chunks)}
-
-
 def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, scheduler,
                     extra=None):
     """Save everything needed to resume at `iteration` under `cfg.checkpoint.save`.
@@ -174,74 +52,39 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
             # A leftover from a crash while saving this iteration before.
             shutil.rmtree(tmp_dir, ignore_errors=True)
             # ...and those of other iterations, which nothing would ever remove.
-            _remove_stale_tmp_dirs(root, iteration)
+            remove_stale_tmp_dirs(root, iteration)
     rank_dir = os.path.join(tmp_dir, _my_rank_dir_name())
-    rng_states = _gather_rng_states_over_dp()
+    rng_states = gather_rng_states_over_dp()
     dp_rank = mpu.get_data_parallel_rank()
     sharded = bool(getattr(optimizer, "is_sharded", False))
     with fail_together(what):
         if dp_rank == 0:
             os.makedirs(rank_dir, exist_ok=True)
-            state = {
-                "checkpoint_version": CHECKPOINT_VERSION,
-                "iteration": iteration,
-                "consumed_samples": consumed_samples,
-                "config": cfg.to_dict(),
-                "parallel": {
-                    "tensor_model_parallel_size": mpu.get_tensor_model_parallel_world_size(),
-                    "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
-                    "virtual_pipeline_model_parallel_size": len(model_chunks),
-                    "data_parallel_size": mpu.get_data_parallel_world_size(),
-                },
-                "rng_state": rng_states,
-                "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            }
-            state.update(_model_state(model_chunks))
-            if optimizer is not None and not sharded:
-                state["optimizer"] = optimizer.state_dict()
-            if extra:
-                state["extra"] = extra
-            _atomic_torch_save(state, os.path.join(rank_dir, MODEL_FILE))
+            state = build_rank_state(
+                iteration=iteration, consumed_samples=consumed_samples, config=cfg.to_dict(),
+                parallel=parallel_sizes(mpu.get_tensor_model_parallel_world_size(),
+                                        mpu.get_pipeline_model_parallel_world_size(),
+                                        len(model_chunks), mpu.get_data_parallel_world_size()),
+                rng_state=rng_states,
+                scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+                model_states=[unwrap_model(c).state_dict() for c in model_chunks],
+                optimizer_state=(optimizer.state_dict()
+                                 if optimizer is not None and not sharded else None),
+                extra=extra)
+            files.atomic_write(os.path.join(rank_dir, MODEL_FILE), state)
     if sharded:
         # After the block above: the directory exists once DP rank 0 has made it.
         with fail_together(what):
             os.makedirs(rank_dir, exist_ok=True)
-            _atomic_torch_save(optimizer.state_dict(),
-                               os.path.join(rank_dir, f"distrib_optim_dp_{dp_rank:03d}.pt"))
+            files.atomic_write(os.path.join(rank_dir, shard_file_name(dp_rank)),
+                               optimizer.state_dict())
     with fail_together(what):
         if rank == 0:
-            if os.path.isdir(final_dir):
-                # Saving an iteration again (e.g. SIGTERM right after a periodic save).
-                old = final_dir + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final_dir, old)
-                os.replace(tmp_dir, final_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp_dir, final_dir)
-            _atomic_write_text(os.path.join(root, LATEST), f"{iteration}\n")
+            replace_dir(tmp_dir, final_dir)
+            write_latest_iteration(root, iteration)
             if cfg.checkpoint.keep_last_n:
                 prune_checkpoints(root, cfg.checkpoint.keep_last_n, keep=iteration)
     print_rank_0(f"saved checkpoint at iteration {iteration} to {final_dir}")
-
-
-def list_checkpoints(root):
-    """Iterations with a complete (renamed) checkpoint directory under `root`, ascending."""
-    if not os.path.isdir(root):
-        return []
-    its = []
-    for name in os.listdir(root):
-        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
-            its.append(int(name[5:]))
-    return sorted(its)
-
-
-def prune_checkpoints(root, keep_last_n, keep=None):
-    """Remove all but the newest `keep_last_n` checkpoints (never `keep`)."""
-    its = list_checkpoints(root)
-    for it in its[:-keep_last_n] if keep_last_n > 0 else its:
-        if it != keep:
-            shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- load
@@ -283,24 +126,6 @@ def _load_model_state(path, chunk, state):
     model.load_state_dict(state)
 
 
-def shard_files(rank_dir):
-    """The distributed optimizer's per-DP-rank files in `rank_dir`, by DP rank."""
-    files = {}
-    for name in os.listdir(rank_dir):
-        if name.startswith("distrib_optim_dp_") and name.endswith(".pt"):
-            num = name[len("distrib_optim_dp_"):-len(".pt")]
-            if num.isdigit():
-                files[int(num)] = os.path.join(rank_dir, name)
-    return files
-
-
-def _torch_load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
 def _load_optimizer_state(path, rank_dir, saved, optimizer):
     """Load the checkpoint's optimizer state into `optimizer`; False when it holds none.
 
@@ -333,7 +158,7 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
                      f"into {target}")
         try:
             if shards:
-                distributed_to_plain(optimizer, [_torch_load(shards[r]) for r in range(saved_dp)])
+                distributed_to_plain(optimizer, [load_file(shards[r]) for r in range(saved_dp)])
             else:
                 plain_to_distributed(optimizer, saved["optimizer"])
         except ValueError as e:  # what still cannot be converted, with the values involved
@@ -348,11 +173,11 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
         if not sharded:
             optimizer.load_state_dict(saved["optimizer"])
         elif saved_dp == dp:  # exact resume: this rank's own shard
-            optimizer.load_state_dict(_torch_load(shards[dp_rank]))
+            optimizer.load_state_dict(load_file(shards[dp_rank]))
         else:
             print_rank_0(f"re-sharding the distributed optimizer state of {rank_dir} from "
                          f"data-parallel size {saved_dp} to {dp}")
-            optimizer.load_state_dict([_torch_load(shards[r]) for r in range(saved_dp)])
+            optimizer.load_state_dict([load_file(shards[r]) for r in range(saved_dp)])
     except ValueError as e:  # the optimizer's one-line mismatch messages (e.g. fp32 masters)
         raise CheckpointError(f"checkpoint {where}: {e}") from None
     return True
@@ -390,13 +215,10 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
             f"checkpoint file {path} is missing (this rank's layout is TP="
             f"{mpu.get_tensor_model_parallel_world_size()}, PP={mpu.get_pipeline_model_parallel_world_size()}; "
             f"the checkpoint holds {present or 'nothing'})")
-    saved = _torch_load(path)
+    saved = load_file(path)
     _check_layout(path, saved, cfg, model_chunks)
-    if len(model_chunks) == 1:
-        _load_model_state(path, model_chunks[0], saved["model"])
-    else:
-        for i, chunk in enumerate(model_chunks):
-            _load_model_state(path, chunk, saved[f"model{i}"])
+    for chunk, state in zip(model_chunks, model_states(saved, len(model_chunks))):
+        _load_model_state(path, chunk, state)
     if optimizer is not None:
         loaded = load_optimizer and _load_optimizer_state(path, rank_dir, saved, optimizer)
         if not loaded:

@@ -1,8 +1,9 @@
-"""Reshard a checkpoint to another TP / PP layout (the logic of tools/checkpoint_convert.py).
+"""Reshard a checkpoint to another TP / PP layout offline (the logic of
+tools/checkpoint_convert.py), and write rank files built from a full model state.
 
-The result has the format of megatron/checkpointing.py (same file names,
-metadata, latest file) with the new parallel sizes in its config, so the
-training loop loads it at the target layout.
+The result has the training checkpoints' format (same file names, rank dicts,
+latest file) with the new parallel sizes in its config, so the training loop
+loads it at the target layout.
 """
 import copy
 import os
@@ -10,13 +11,16 @@ import shutil
 
 import torch
 
-from megatron.checkpointing import (CHECKPOINT_VERSION, LATEST, MODEL_FILE, CheckpointError,
-                                    iteration_dir, rank_dir_name)
+from megatron.checkpoint.files import (MODEL_FILE, CheckpointError, atomic_write, iteration_dir,
+                                       rank_dir_name, replace_dir, write_latest_iteration)
+from megatron.checkpoint.rank_state import build_rank_state, fresh_rng_state, parallel_sizes
+from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards,
+                                         merge_model_state, merge_optimizer_state,
+                                         resize_optimizer_vocab, resize_vocab, split_model_state,
+                                         split_optimizer_state, target_padded_vocab)
+from megatron.config import ModelConfig, TrainingConfig
 # A new rank starts its dropout streams where mpu.model_parallel_seed would.
 from megatron.mpu.random import rank_seeds
-from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state,
-                              merge_optimizer_state, resize_optimizer_vocab, resize_vocab,
-                              split_model_state, split_optimizer_state, target_padded_vocab)
 
 
 def true_vocab_size(config, fallback):
@@ -26,23 +30,6 @@ def true_vocab_size(config, fallback):
         return build_tokenizer(config.get("tokenizer") or {}).vocab_size
     except Exception:
         return fallback
-
-
-def fresh_rng_state(seed):
-    """The RNG states a run seeded with ``seed`` starts from (this process's are kept)."""
-    import random
-
-    import numpy as np
-
-    from megatron.checkpointing import get_rng_state, set_rng_state
-    saved = get_rng_state()
-    try:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return get_rng_state()
-    finally:
-        set_rng_state(saved)
 
 
 def _rng_for(source_states, seed, tp_rank, pp_rank):
@@ -59,12 +46,6 @@ def _rng_for(source_states, seed, tp_rank, pp_rank):
     return states
 
 
-def _atomic_save(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_checkpoint(save_dir, iteration, rank_files, pp):
     """Write ``rank_files[(tp, pp)]`` under ``save_dir/iter_N`` (temporary dir, then
     rename) and point the latest file at it."""
@@ -75,14 +56,9 @@ def write_checkpoint(save_dir, iteration, rank_files, pp):
     for (tp_rank, pp_rank), obj in rank_files.items():
         d = os.path.join(tmp, rank_dir_name(tp_rank, pp_rank, pp))
         os.makedirs(d, exist_ok=True)
-        _atomic_save(obj, os.path.join(d, MODEL_FILE))
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = os.path.join(save_dir, f"{LATEST}.tmp.{os.getpid()}")
-    with open(latest_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-    os.replace(latest_tmp, os.path.join(save_dir, LATEST))
+        atomic_write(os.path.join(d, MODEL_FILE), obj)
+    replace_dir(tmp, final)
+    write_latest_iteration(save_dir, iteration)
     return final
 
 
@@ -91,7 +67,7 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
     """Checkpoint dicts ``{(tp_rank, pp_rank): dict}`` of a full model state at a layout.
 
     ``full_model`` must carry the target's vocabulary padding; ``optimizer`` is a
-    merged optimizer state (reshard.merge_optimizer_state) or None.
+    merged optimizer state (``reshard.merge_optimizer_state``) or None.
     """
     num_layers = int(config["model"]["num_layers"])
     if num_layers % (pp * vp) != 0:
@@ -108,31 +84,19 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
     par["virtual_pipeline_model_parallel_size"] = vp if vp > 1 else None
     if optimizer is not None:
         par["distributed_optimizer"] = False  # the resharded state is the plain optimizer's
-    seed = int((cfg.get("training") or {}).get("seed", 1234))
+    seed = int((cfg.get("training") or {}).get("seed", TrainingConfig().seed))
     shards = split_model_state(full_model, num_layers, tp, pp, vp)
-    files = {}
+    out = {}
     for (tp_rank, pp_rank), chunk_states in shards.items():
-        f = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "config": cfg,
-            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                         "virtual_pipeline_model_parallel_size": vp, "data_parallel_size": 1},
-            "rng_state": _rng_for(rng_states, seed, tp_rank, pp_rank),
-            "opt_param_scheduler": scheduler_state,
-        }
-        if vp == 1:
-            f["model"] = chunk_states[0]
-        else:
-            for i, st in enumerate(chunk_states):
-                f[f"model{i}"] = st
-        if optimizer is not None:
-            f["optimizer"] = split_optimizer_state(optimizer, chunk_states, tp, tp_rank)
-        if extra:
-            f["extra"] = extra
-        files[(tp_rank, pp_rank)] = f
-    return files
+        out[(tp_rank, pp_rank)] = build_rank_state(
+            iteration=iteration, consumed_samples=consumed_samples, config=cfg,
+            parallel=parallel_sizes(tp, pp, vp, 1),
+            rng_state=_rng_for(rng_states, seed, tp_rank, pp_rank),
+            scheduler_state=scheduler_state, model_states=chunk_states,
+            optimizer_state=(split_optimizer_state(optimizer, chunk_states, tp, tp_rank)
+                             if optimizer is not None else None),
+            extra=extra)
+    return out
 
 
 def convert_checkpoint(load_dir, save_dir, tp, pp, vp=1, include_optimizer=False,
@@ -150,21 +114,23 @@ def convert_checkpoint(load_dir, save_dir, tp, pp, vp=1, include_optimizer=False
         f"VP={shards.vp}")
     full = merge_model_state(shards)
     model_cfg = shards.config.get("model") or {}
-    src_rows = full[WORD_EMBEDDINGS].shape[0]
+    src_rows = full[WORD_EMBEDDINGS_KEY].shape[0]
     # A tokenizer larger than the embedding cannot be right; never drop real rows.
     true_vocab = vocab_size or min(true_vocab_size(shards.config, src_rows), src_rows)
-    rows = target_padded_vocab(true_vocab, model_cfg.get("make_vocab_size_divisible_by", 128), tp)
-    full[WORD_EMBEDDINGS] = resize_vocab(full[WORD_EMBEDDINGS], rows)
+    divisible_by = model_cfg.get("make_vocab_size_divisible_by",
+                                 ModelConfig().make_vocab_size_divisible_by)
+    rows = target_padded_vocab(true_vocab, divisible_by, tp)
+    full[WORD_EMBEDDINGS_KEY] = resize_vocab(full[WORD_EMBEDDINGS_KEY], rows)
     optimizer = None
     if include_optimizer:
         optimizer = merge_optimizer_state(shards, full)
         resize_optimizer_vocab(optimizer, rows)
     head = shards.head
-    files = build_rank_files(shards.config, shards.iteration, head.get("consumed_samples", 0),
-                             full, tp, pp, vp, optimizer=optimizer,
-                             scheduler_state=head.get("opt_param_scheduler"),
-                             rng_states=head.get("rng_state"), extra=head.get("extra"))
-    out = write_checkpoint(save_dir, shards.iteration, files, pp)
+    rank_files = build_rank_files(shards.config, shards.iteration, head.get("consumed_samples", 0),
+                                  full, tp, pp, vp, optimizer=optimizer,
+                                  scheduler_state=head.get("opt_param_scheduler"),
+                                  rng_states=head.get("rng_state"), extra=head.get("extra"))
+    out = write_checkpoint(save_dir, shards.iteration, rank_files, pp)
     log(f"wrote {out}: TP={tp} PP={pp} VP={vp}, vocabulary padded {src_rows} -> {rows} "
         f"(tokenizer vocabulary {true_vocab}), optimizer state "
         f"{'resharded' if optimizer is not None else 'dropped'}")

@@ -22,10 +22,14 @@ import re
 
 import torch
 
-from megatron.checkpointing import (LATEST, MODEL_FILE, CheckpointError, shard_files,
-                                    iteration_dir, rank_dir_name, read_latest_iteration)
+from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, iteration_dir,
+                                       load_file, rank_dir_name, read_latest_iteration,
+                                       shard_files)
+from megatron.checkpoint.rank_state import model_states
+from megatron.optimizer import HALF_DTYPES, clone_if_tensor, is_no_weight_decay
 
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+# The state-dict key of the (vocabulary-padded, TP-split) word embedding.
+WORD_EMBEDDINGS_KEY = "embedding.word_embeddings.weight"
 
 # Tensors split across TP ranks and their partition dim: column-parallel
 # weights and biases along the output (dim 0), row-parallel weights along the
@@ -52,16 +56,6 @@ def layer_index(name):
     """The global transformer layer index of ``name``, None outside the layers."""
     m = _LAYER.match(name)
     return int(m.group(1)) if m else None
-
-
-def load_file(path):
-    """torch.load a checkpoint file (weights only) or raise CheckpointError in one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
 class CheckpointShards:
@@ -94,10 +88,7 @@ class CheckpointShards:
 
     def chunk_states(self, tp_rank, pp_rank):
         """The model state dicts of one rank file, one per virtual chunk."""
-        f = self.files[(tp_rank, pp_rank)]
-        if "model" in f:
-            return [f["model"]]
-        return [f[f"model{i}"] for i in range(self.vp)]
+        return model_states(self.files[(tp_rank, pp_rank)], self.vp)
 
     def has_sharded_optimizer(self):
         """True when the optimizer state lives in per-DP-rank distributed-optimizer files."""
@@ -182,15 +173,15 @@ def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
             if start <= i < end:
                 names.append(n)
         elif n.startswith("embedding."):
-            if first or (last and n == WORD_EMBEDDINGS):
+            if first or (last and n == WORD_EMBEDDINGS_KEY):
                 names.append(n)
         elif last:
             names.append(n)
     if last and not first:
         # The last stage's copy of the word embedding sits before its layers,
         # as in GPTModel (its embedding module is built first).
-        names.remove(WORD_EMBEDDINGS)
-        names.insert(0, WORD_EMBEDDINGS)
+        names.remove(WORD_EMBEDDINGS_KEY)
+        names.insert(0, WORD_EMBEDDINGS_KEY)
     return names
 
 
@@ -222,17 +213,12 @@ def split_model_state(full, num_layers, tp, pp, vp=1):
 
 
 # ------------------------------------------------------------------ optimizer
-def _is_no_decay(name, tensor):
-    # The rule of megatron.optimizer.get_param_groups, on names and shapes.
-    return name.endswith(".bias") or tensor.dim() == 1
-
-
 def optimizer_param_order(chunk_states):
     """Names in the order of the optimizer's flat param index (decay group, then no-decay)."""
     decay, no_decay = [], []
     for state in chunk_states:
         for name, t in state.items():
-            (no_decay if _is_no_decay(name, t) else decay).append(name)
+            (no_decay if is_no_weight_decay(name, t) else decay).append(name)
     return decay, no_decay
 
 
@@ -245,8 +231,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
     ``parameters()`` order, i.e. the order of the chunk's state dict. Only
     single-dtype models (one buffer per chunk) are supported.
     """
-    from megatron.optimizer.distributed_optimizer import _clone, full_state_from_shards
-    from megatron.optimizer.optimizer import _HALF
+    from megatron.optimizer.distributed_optimizer import full_state_from_shards
     where = f"checkpoint {shards.root} rank {(tp_rank, pp_rank)}"
     rank_dir = os.path.join(iteration_dir(shards.root, shards.iteration),
                             rank_dir_name(tp_rank, pp_rank, shards.pp))
@@ -276,7 +261,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
     if full["step"] is not None:  # never stepped: no Adam state, as in a plain optimizer
         for idx, name in enumerate(order):
             b, lo, hi, shape = layout[name]
-            state[idx] = {"step": _clone(full["step"]),
+            state[idx] = {"step": clone_if_tensor(full["step"]),
                           "exp_avg": full["exp_avg"][b][lo:hi].view(shape).clone(),
                           "exp_avg_sq": full["exp_avg_sq"][b][lo:hi].view(shape).clone()}
     if len(full["param_groups"]) != 2:
@@ -288,7 +273,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
         index += len(names)
     out = {"optimizer": {"state": state, "param_groups": groups},
            "grad_scaler": full["grad_scaler"]}
-    if dtypes.pop() in _HALF:
+    if dtypes.pop() in HALF_DTYPES:
         # MixedPrecisionOptimizer keeps an fp32 master for every half-precision param.
         out["fp32_from_fp16_params"] = [
             full["param"][b][lo:hi].view(shape).clone()
@@ -351,13 +336,14 @@ def merge_optimizer_state(shards, full_model):
 
 def resize_optimizer_vocab(opt, rows):
     """Re-pad the word embedding's optimizer tensors to ``rows`` rows."""
-    st = opt["params"].get(WORD_EMBEDDINGS)
+    st = opt["params"].get(WORD_EMBEDDINGS_KEY)
     if st is not None:
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() > 0:
                 st[k] = resize_vocab(v, rows)
-    if WORD_EMBEDDINGS in opt["masters"]:
-        opt["masters"][WORD_EMBEDDINGS] = resize_vocab(opt["masters"][WORD_EMBEDDINGS], rows)
+    masters = opt["masters"]
+    if WORD_EMBEDDINGS_KEY in masters:
+        masters[WORD_EMBEDDINGS_KEY] = resize_vocab(masters[WORD_EMBEDDINGS_KEY], rows)
 
 
 def split_optimizer_state(opt, chunk_states, tp, tp_rank):

@@ -16,9 +16,9 @@ import shutil
 
 import torch
 
-from megatron.checkpointing import CheckpointError
-from megatron.reshard import (WORD_EMBEDDINGS, CheckpointShards, merge_model_state, resize_vocab,
-                              target_padded_vocab)
+from megatron.checkpoint.files import CheckpointError
+from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards, merge_model_state,
+                                         resize_vocab, target_padded_vocab)
 
 _LAYER_MAP = {  # ours (after "layers.{i}.") -> HF (after "transformer.h.{i}."), Conv1D?
     "input_layernorm.weight": ("ln_1.weight", False),
@@ -50,7 +50,7 @@ def qkv_hf_to_per_head(t, num_heads):
 def to_hf_state(full, model_cfg, vocab_size):
     """HF GPT2LMHeadModel state dict (without the tied lm_head) from our full state."""
     heads = int(model_cfg["num_attention_heads"])
-    out = {"transformer.wte.weight": full[WORD_EMBEDDINGS][:vocab_size].clone(),
+    out = {"transformer.wte.weight": full[WORD_EMBEDDINGS_KEY][:vocab_size].clone(),
            "transformer.wpe.weight": full["embedding.position_embeddings.weight"].clone(),
            "transformer.ln_f.weight": full["final_layernorm.weight"].clone(),
            "transformer.ln_f.bias": full["final_layernorm.bias"].clone()}
@@ -73,7 +73,7 @@ def from_hf_state(hf, num_layers, num_heads, padded_vocab):
             if key in hf:
                 return hf[key]
         raise CheckpointError(f"the Hugging Face model lacks {name}")
-    full = {WORD_EMBEDDINGS: resize_vocab(get("transformer.wte.weight").clone(), padded_vocab),
+    full = {WORD_EMBEDDINGS_KEY: resize_vocab(get("transformer.wte.weight").clone(), padded_vocab),
             "embedding.position_embeddings.weight": get("transformer.wpe.weight").clone()}
     for i in range(num_layers):
         p, q = f"layers.{i}.", f"transformer.h.{i}."
@@ -97,7 +97,7 @@ def from_hf_state(hf, num_layers, num_heads, padded_vocab):
              "post_attention_layernorm.weight", "post_attention_layernorm.bias",
              "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
              "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias"]
-    names = [WORD_EMBEDDINGS, "embedding.position_embeddings.weight"]
+    names = [WORD_EMBEDDINGS_KEY, "embedding.position_embeddings.weight"]
     names += [f"layers.{i}.{n}" for i in range(num_layers) for n in order]
     names += ["final_layernorm.weight", "final_layernorm.bias"]
     return {n: full[n] for n in names}
@@ -144,11 +144,11 @@ def _write_tokenizer_files(tok_cfg, out_dir, n_positions):
 def export_to_hf(load_dir, save_dir, vocab_size=None, log=print):
     """Write ``save_dir`` (config.json, model.safetensors, tokenizer files) from any checkpoint layout."""
     from transformers import GPT2LMHeadModel
-    from megatron.checkpoint_convert import true_vocab_size
+    from megatron.checkpoint.convert import true_vocab_size
     shards = CheckpointShards(load_dir)
     full = merge_model_state(shards)
     model_cfg = shards.config.get("model") or {}
-    rows = full[WORD_EMBEDDINGS].shape[0]
+    rows = full[WORD_EMBEDDINGS_KEY].shape[0]
     vocab = vocab_size or true_vocab_size(shards.config, None)
     if vocab is None:
         raise CheckpointError(f"cannot build the tokenizer of {load_dir} to learn the vocabulary "
@@ -188,11 +188,20 @@ def _eod_of(config, vocab):
         return vocab - 1
 
 
-def import_from_hf(hf_dir, save_dir, tp=1, pp=1, divisible_by=128, seed=1234, log=print):
-    """Write a checkpoint (iteration 0, at TP x PP) from a local transformers GPT-2 directory."""
+def import_from_hf(hf_dir, save_dir, tp=1, pp=1, divisible_by=None, seed=None, log=print):
+    """Write a checkpoint (iteration 0, at TP x PP) from a local transformers GPT-2 directory.
+
+    ``divisible_by`` and ``seed`` default to the config's
+    ``model.make_vocab_size_divisible_by`` and ``training.seed``.
+    """
     from transformers import GPT2Config
-    from megatron.checkpoint_convert import build_rank_files, write_checkpoint
+    from megatron.checkpoint.convert import build_rank_files, write_checkpoint
     from megatron.config import Config
+    cfg = Config()
+    if divisible_by is None:
+        divisible_by = cfg.model.make_vocab_size_divisible_by
+    if seed is None:
+        seed = cfg.training.seed
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
     hc = GPT2Config.from_pretrained(hf_dir)
@@ -207,7 +216,6 @@ def import_from_hf(hf_dir, save_dir, tp=1, pp=1, divisible_by=128, seed=1234, lo
     h = hc.n_embd
     padded = target_padded_vocab(hc.vocab_size, divisible_by, tp)
     full = from_hf_state(hf, hc.n_layer, hc.n_head, padded)
-    cfg = Config()
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads = hc.n_layer, h, hc.n_head
     m.ffn_hidden_size = hc.n_inner if hc.n_inner not in (None, 4 * h) else None
