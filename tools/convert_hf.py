@@ -30,7 +30,8 @@ def main(argv=None):
     i.add_argument("--save-dir", required=True)
     i.add_argument("--target-tensor-parallel-size", type=int, default=1)
     i.add_argument("--target-pipeline-parallel-size", type=int, default=1)
-    i.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    i.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="default: the config's model.make_vocab_size_divisible_by")
     args = p.parse_args(argv)
     from megatron.checkpoint import CheckpointError, export_to_hf, import_from_hf
     try:

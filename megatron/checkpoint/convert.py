@@ -23,13 +23,20 @@ from megatron.config import ModelConfig, TrainingConfig
 from megatron.mpu.random import rank_seeds
 
 
-def true_vocab_size(config, fallback):
-    """The tokenizer's vocabulary size from a checkpoint config, ``fallback`` if it cannot be built."""
+def tokenizer_of(config):
+    """The tokenizer of a checkpoint config (a dict), None if it cannot be built here
+    (e.g. its files are elsewhere)."""
     from megatron.tokenizer import build_tokenizer
     try:
-        return build_tokenizer(config.get("tokenizer") or {}).vocab_size
+        return build_tokenizer(config.get("tokenizer") or {})
     except Exception:
-        return fallback
+        return None
+
+
+def true_vocab_size(config, fallback):
+    """The tokenizer's vocabulary size from a checkpoint config, ``fallback`` if it cannot be built."""
+    tokenizer = tokenizer_of(config)
+    return tokenizer.vocab_size if tokenizer is not None else fallback
 
 
 def _rng_for(source_states, seed, tp_rank, pp_rank):

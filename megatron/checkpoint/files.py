@@ -111,8 +111,9 @@ def remove_stale_tmp_dirs(root, iteration):
 
 def replace_dir(tmp_dir, final_dir):
     """Rename the finished `tmp_dir` to `final_dir`, replacing an earlier `final_dir`
-    (an iteration saved again, e.g. SIGTERM right after a periodic save) by way of
-    `final_dir.old`, which `existing_iteration_dir` falls back to after a crash."""
+    (an iteration saved again, e.g. SIGTERM right after a periodic save, or a
+    converted checkpoint written again) by way of `final_dir.old`, which
+    `existing_iteration_dir` falls back to after a crash between the renames."""
     if os.path.isdir(final_dir):
         old = final_dir + ".old"
         shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,7 @@ import shutil
 
 import torch
 
-from megatron.checkpoint.files import CheckpointError
+from megatron.checkpoint.files import CheckpointError, replace_dir
 from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards, merge_model_state,
                                          resize_vocab, target_padded_vocab)
 
@@ -144,18 +144,20 @@ def _write_tokenizer_files(tok_cfg, out_dir, n_positions):
 def export_to_hf(load_dir, save_dir, vocab_size=None, log=print):
     """Write ``save_dir`` (config.json, model.safetensors, tokenizer files) from any checkpoint layout."""
     from transformers import GPT2LMHeadModel
-    from megatron.checkpoint.convert import true_vocab_size
+    from megatron.checkpoint.convert import tokenizer_of
     shards = CheckpointShards(load_dir)
     full = merge_model_state(shards)
     model_cfg = shards.config.get("model") or {}
     rows = full[WORD_EMBEDDINGS_KEY].shape[0]
-    vocab = vocab_size or true_vocab_size(shards.config, None)
+    tokenizer = tokenizer_of(shards.config)
+    vocab = vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
     if vocab is None:
         raise CheckpointError(f"cannot build the tokenizer of {load_dir} to learn the vocabulary "
                               f"size; pass --vocab-size")
     if vocab > rows:
         raise CheckpointError(f"vocabulary size {vocab} exceeds the checkpoint's {rows} embedding rows")
-    eod = _eod_of(shards.config, vocab)
+    # Without its tokenizer, the end of document is taken to be the last id.
+    eod = tokenizer.eod if tokenizer is not None else vocab - 1
     config = hf_config(model_cfg, vocab, eod)
     model = GPT2LMHeadModel(config)
     state = to_hf_state(full, model_cfg, vocab)
@@ -171,21 +173,11 @@ def export_to_hf(load_dir, save_dir, vocab_size=None, log=print):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok_files = _write_tokenizer_files(shards.config.get("tokenizer") or {}, tmp, config.n_positions)
-    if os.path.isdir(save_dir):
-        shutil.rmtree(save_dir)
-    os.replace(tmp, save_dir)
+    replace_dir(tmp, save_dir)
     log(f"exported {load_dir} (iteration {shards.iteration}, TP={shards.tp} PP={shards.pp}) to "
         f"{save_dir}: vocabulary {vocab} (unpadded from {rows}), tokenizer files "
         f"{tok_files or 'none (not a GPT-2 BPE / tokenizer.json tokenizer)'}")
     return save_dir
-
-
-def _eod_of(config, vocab):
-    from megatron.tokenizer import build_tokenizer
-    try:
-        return build_tokenizer(config.get("tokenizer") or {}).eod
-    except Exception:
-        return vocab - 1
 
 
 def import_from_hf(hf_dir, save_dir, tp=1, pp=1, divisible_by=None, seed=None, log=print):

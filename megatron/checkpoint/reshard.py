@@ -26,7 +26,8 @@ from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, iter
                                        load_file, rank_dir_name, read_latest_iteration,
                                        shard_files)
 from megatron.checkpoint.rank_state import model_states
-from megatron.optimizer import HALF_DTYPES, clone_if_tensor, is_no_weight_decay
+from megatron.optimizer import (HALF_DTYPES, clone_if_tensor, full_state_from_shards,
+                                is_no_weight_decay)
 
 # The state-dict key of the (vocabulary-padded, TP-split) word embedding.
 WORD_EMBEDDINGS_KEY = "embedding.word_embeddings.weight"
@@ -222,6 +223,16 @@ def optimizer_param_order(chunk_states):
     return decay, no_decay
 
 
+def _numbered_groups(hyperparams, decay, no_decay):
+    """The two param groups (saved hyperparameters) with the optimizer's flat param
+    indices: the decay group's names first, then the no-decay group's."""
+    groups, index = [], 0
+    for g, names in zip(hyperparams, (decay, no_decay)):
+        groups.append({**g, "params": list(range(index, index + len(names)))})
+        index += len(names)
+    return groups
+
+
 def plain_state_from_distributed(shards, tp_rank, pp_rank):
     """The plain optimizer's ``state_dict()`` for rank file (tp_rank, pp_rank), rebuilt
     offline from its distributed-optimizer files (one per DP rank).
@@ -231,7 +242,6 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
     ``parameters()`` order, i.e. the order of the chunk's state dict. Only
     single-dtype models (one buffer per chunk) are supported.
     """
-    from megatron.optimizer.distributed_optimizer import full_state_from_shards
     where = f"checkpoint {shards.root} rank {(tp_rank, pp_rank)}"
     rank_dir = os.path.join(iteration_dir(shards.root, shards.iteration),
                             rank_dir_name(tp_rank, pp_rank, shards.pp))
@@ -267,10 +277,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
     if len(full["param_groups"]) != 2:
         raise CheckpointError(f"{where}: {len(full['param_groups'])} optimizer param groups, "
                               f"expected 2 (weight decay, no weight decay)")
-    groups, index = [], 0
-    for g, names in zip(full["param_groups"], (decay, no_decay)):
-        groups.append({**g, "params": list(range(index, index + len(names)))})
-        index += len(names)
+    groups = _numbered_groups(full["param_groups"], decay, no_decay)
     out = {"optimizer": {"state": state, "param_groups": groups},
            "grad_scaler": full["grad_scaler"]}
     if dtypes.pop() in HALF_DTYPES:
@@ -356,12 +363,8 @@ def split_optimizer_state(opt, chunk_states, tp, tp_rank):
         if st is None:
             continue
         state[idx] = {k: (split_tensor(name, v, tp, tp_rank) if torch.is_tensor(v) and v.dim() > 0
-                          else (v.clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
-    groups = []
-    index = 0
-    for g, names in zip(opt["groups"], (decay, no_decay)):
-        groups.append({**g, "params": list(range(index, index + len(names)))})
-        index += len(names)
+                          else clone_if_tensor(v)) for k, v in st.items()}
+    groups = _numbered_groups(opt["groups"], decay, no_decay)
     out = {"optimizer": {"state": state, "param_groups": groups},
            "grad_scaler": opt["grad_scaler"]}
     if opt["has_masters"]:

@@ -8,7 +8,8 @@ import functools
 
 import torch
 
-from megatron.optimizer.distributed_optimizer import DistributedOptimizer, clone_if_tensor
+from megatron.optimizer.distributed_optimizer import (DistributedOptimizer, clone_if_tensor,
+                                                      full_state_from_shards)
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron.optimizer.optimizer import (HALF_DTYPES, FP32Optimizer, MegatronOptimizer,
@@ -17,7 +18,7 @@ from megatron.optimizer.optimizer import (HALF_DTYPES, FP32Optimizer, MegatronOp
 __all__ = ["get_megatron_optimizer", "MegatronOptimizer", "FP32Optimizer",
            "MixedPrecisionOptimizer", "DistributedOptimizer", "ConstantGradScaler",
            "DynamicGradScaler", "OptimizerParamScheduler", "get_param_groups",
-           "is_no_weight_decay", "HALF_DTYPES", "clone_if_tensor"]
+           "is_no_weight_decay", "HALF_DTYPES", "clone_if_tensor", "full_state_from_shards"]
 
 
 def is_no_weight_decay(name, param):
