@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from megatron import checkpointing
-from tests.test_training import make_corpus, tiny_overrides
+from tests.helpers.training import make_corpus, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.model import GPTModel
 from tests.dist_harness import run_distributed
-from tests.test_model import batch, tiny_cfg
+from tests.helpers.model import batch, tiny_cfg
 
 VOCAB = 1000          # real tokens: ids and labels stay below this
 PADDED_VOCAB = 1024   # padded to a multiple of 128 x 4, the same for every TP here

@@ -1,8 +1,8 @@
 """Model-parallel RNG tracker and activation checkpointing that replays RNG.
 
 Single-process tests cover the tracker and ``checkpoint``; dropout masks
-across TP ranks (TP=4, TP=2 x DP=2) come from the 4-process launch shared with
-test_mpu_layers.
+across TP ranks (TP=4, TP=2 x DP=2) come from the 4-process mpu launch of
+tests/helpers/tp_launch.py (``dropout_masks``).
 """
 import io
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from tests.test_mpu_layers import tp_launch_results
+from tests.helpers.tp_launch import tp_launch_results
 
 SEED = 1234
 
@@ -21,19 +21,6 @@ def _fresh_tracker():
     mpu.get_rng_tracker().reset()
     yield
     mpu.get_rng_tracker().reset()
-
-
-def dropout_masks():
-    """After ``model_parallel_seed``: a replicated-region mask (default
-    generator), a split-region one (tracker), and the next replicated one.
-    Run inside the shared launch of test_mpu_layers."""
-    mpu.model_parallel_seed(SEED)
-    ones = torch.ones(64, 32)
-    replicated = F.dropout(ones, 0.5) != 0
-    with mpu.get_rng_tracker().fork():
-        split = F.dropout(ones, 0.5) != 0
-    replicated_after = F.dropout(ones, 0.5) != 0
-    return replicated, split, replicated_after
 
 
 def test_split_region_masks_differ_across_tp_ranks_replicated_equal():

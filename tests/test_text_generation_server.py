@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.test_generate import PROMPT, make_bpe_checkpoint
+from tests.helpers.bpe_checkpoint import PROMPT, make_bpe_checkpoint
 
 
 @pytest.fixture(scope="module")
