@@ -170,10 +170,23 @@ def test_checkpoint_tuple_outputs_non_tensor_args_and_input_without_grad():
 
 
 def test_checkpoint_under_no_grad_just_runs():
-    lin = torch.nn.Linear(4, 4)
-    with torch.no_grad():
-        y = mpu.checkpoint(lin, torch.randn(2, 4))
-    assert not y.requires_grad and y.shape == (2, 4)
+    """Under no_grad (evaluation) ``checkpoint`` is the plain call: the same values,
+    dropout masks from the same RNG streams, which it advances as the call does."""
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(8, 16)
+    runs = []
+    for checkpointed in (True, False):
+        mpu.model_parallel_seed(SEED)
+        with torch.no_grad():
+            y = mpu.checkpoint(block, x, 0.3, 2.0) if checkpointed else block(x, 0.3, 2.0)
+        with mpu.get_rng_tracker().fork():
+            tracked_after = torch.rand(3)
+        runs.append((y, torch.rand(3), tracked_after))
+    (y, after, tracked_after), (ref, ref_after, ref_tracked_after) = runs
+    assert torch.equal(y, ref) and (y == 0).any()  # dropout did act
+    assert torch.equal(after, ref_after) and torch.equal(tracked_after, ref_tracked_after)
+    assert not y.requires_grad and y.grad_fn is None
 
 
 def test_model_parallel_seed_uses_tp_rank_offset():
