@@ -21,11 +21,48 @@ def _nan_forward_step(data_iterator, model):
     return output, nan_loss
 
 
+def _evaluate_saved(overrides, root):
+    """Validation and test losses of the model saved under ``root``, computed here
+    without the training loop: a fresh GPTModel with the checkpoint file's weights on
+    the first eval_iters global batches of each split, in order (the loss-mask weighted
+    mean per micro batch, averaged)."""
+    import pretrain_gpt
+    from megatron.config import load_config
+    from megatron.model import GPTModel
+    cfg = load_config(None, overrides)
+    t = cfg.training
+    eval_samples = t.eval_iters * t.global_batch_size
+    _, valid, test = pretrain_gpt.datasets_provider(
+        cfg, [t.train_iters * t.global_batch_size, eval_samples, eval_samples], eod=VOCAB - 1)
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+        iteration = int(f.read())
+    state = torch.load(os.path.join(root, f"iter_{iteration:07d}", "mp_rank_00",
+                                    "model_optim_rng.pt"), weights_only=True)
+    model = GPTModel(cfg, VOCAB, vocab_size=VOCAB)  # 64 ids: no padding at TP=1
+    model.load_state_dict(state["model"])
+    model.eval()
+    out = {"iteration": iteration}
+    for name, ds in (("valid", valid), ("test", test)):
+        losses = []
+        for start in range(0, eval_samples, t.micro_batch_size):
+            samples = [ds[i] for i in range(start, start + t.micro_batch_size)]
+            field = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+            with torch.no_grad():
+                per_token = model(field["tokens"], field["position_ids"], labels=field["labels"])
+            mask = field["loss_mask"].float()
+            losses.append(float((per_token.float() * mask).sum() / mask.sum()))
+        out[name] = sum(losses) / len(losses)
+    return out
+
+
 def _single_rank_runs(workdir):
     prefix = make_corpus(os.path.join(workdir, "corpus"))
     tb = os.path.join(workdir, "tb")
-    full = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40, "data.split": "80,10,10",
-                                                  "logging.tensorboard_dir": tb}))
+    full_overrides = tiny_overrides(prefix, **{
+        "training.train_iters": 40, "data.split": "80,10,10", "logging.tensorboard_dir": tb,
+        "checkpoint.save": os.path.join(workdir, "ck_full")})
+    full = run_pretrain(full_overrides)
+    saved = _evaluate_saved(full_overrides, os.path.join(workdir, "ck_full"))
     ck = os.path.join(workdir, "ck_duration")
     timed_out = run_pretrain(tiny_overrides(prefix, **{"training.exit_duration_in_mins": 1e-9,
                                                        "checkpoint.save": ck}))
@@ -38,7 +75,7 @@ def _single_rank_runs(workdir):
                      forward_step=_nan_forward_step)
     except TrainingError as e:
         nan_error = str(e)
-    return {"full": full, "nan_error": nan_error, "timed_out": timed_out}
+    return {"full": full, "saved": saved, "nan_error": nan_error, "timed_out": timed_out}
 
 
 def _dp2_run(workdir):
@@ -64,9 +101,15 @@ def test_loss_falls_and_validation_runs(single):
     valid = result["full"]["valid_losses"]
     assert sorted(valid) == [0, 10, 20, 30, 40]
     assert valid[0] > 0.9 * math.log(VOCAB) and valid[40] < valid[10] < valid[0]
-    # The test split is evaluated once at the end: other documents, a similar loss.
+    # The final validation and the test split's one evaluation (after the final save)
+    # are the saved model's losses on those splits, computed independently; the two
+    # splits hold other documents, so their losses tell them apart.
+    saved = result["saved"]
+    assert saved["iteration"] == 40
+    assert valid[40] == pytest.approx(saved["valid"], rel=1e-6), (valid[40], saved)
     test = result["full"]["test_loss"]
-    assert test != valid[40] and abs(test - valid[40]) < 0.2 * valid[40], (test, valid[40])
+    assert test == pytest.approx(saved["test"], rel=1e-6), (test, saved)
+    assert abs(saved["test"] - saved["valid"]) > 1e-3 * saved["valid"], saved
 
 
 def test_exit_duration_saves_and_exits(single):
