@@ -8,7 +8,7 @@ import pytest
 from megatron.data import index_builders
 from megatron.data.blended_dataset import BlendedDataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
-from tests.test_gpt_dataset import make_dataset
+from tests.helpers.data import make_dataset
 
 
 class Tagged:

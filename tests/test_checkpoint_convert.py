@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_training import make_corpus, run_pretrain, tiny_overrides
-
-SEQ = 32
-
-
-VOCAB = 64  # 63 ordinary ids + EOD = the corpus's 64 ids
-DIVISIBLE_BY = 15
+from tests.helpers.training import (RESHARD_DIVISIBLE_BY, RESHARD_SEQ, VOCAB, make_corpus,
+                                    reset_layout, reshard_overrides, run_pretrain)
 
 
 def _padded(tp):
@@ -27,22 +22,12 @@ def _padded(tp):
     # Every layout pads differently; the model masks the padding logits, so the
     # loss must not change across conversions anyway.
     from megatron.tokenizer import padded_vocab_size
-    return padded_vocab_size(VOCAB, DIVISIBLE_BY, tp)
-
-
-def _overrides(prefix, tp, pp, **extra):
-    return tiny_overrides(prefix, **{
-        "tokenizer.vocab_size": VOCAB - 1, "model.make_vocab_size_divisible_by": DIVISIBLE_BY,
-        "model.num_layers": 4, "model.seq_length": SEQ,
-        "parallel.tensor_model_parallel_size": tp, "parallel.pipeline_model_parallel_size": pp,
-        "training.micro_batch_size": 2, "training.global_batch_size": 8,
-        "training.eval_iters": 0, "data.split": "100,0,0", "logging.log_interval": 100,
-        **extra})
+    return padded_vocab_size(VOCAB, RESHARD_DIVISIBLE_BY, tp)
 
 
 def _fixed_batch():
     g = torch.Generator().manual_seed(99)
-    seq = torch.randint(0, 64, (8, SEQ + 1), generator=g)
+    seq = torch.randint(0, 64, (8, RESHARD_SEQ + 1), generator=g)
     return seq[:, :-1], seq[:, 1:]
 
 
@@ -56,7 +41,7 @@ def _fixed_batch_loss(prefix, root, tp, pp):
     from megatron.config import finalize, load_config
     from megatron.model import GPTModel
     from megatron.schedules import get_forward_backward_func
-    cfg = load_config(None, _overrides(prefix, tp, pp))
+    cfg = load_config(None, reshard_overrides(prefix, tp, pp))
     finalize(cfg, torch.distributed.get_world_size())
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
@@ -68,21 +53,16 @@ def _fixed_batch_loss(prefix, root, tp, pp):
     tokens, labels = _fixed_batch()
     # Every DP rank evaluates the whole batch: no gradient sync is involved.
     micro = [{"tokens": tokens[i:i + 2], "labels": labels[i:i + 2],
-              "loss_mask": torch.ones(2, SEQ), "position_ids": torch.arange(SEQ).expand(2, SEQ)}
+              "loss_mask": torch.ones(2, RESHARD_SEQ),
+              "position_ids": torch.arange(RESHARD_SEQ).expand(2, RESHARD_SEQ)}
              for i in range(0, 8, 2)]
     dicts = get_forward_backward_func()(
         functools.partial(pretrain_gpt.forward_step, device=torch.device("cpu")), iter(micro),
-        [model], len(micro), SEQ, 2, forward_only=True)
+        [model], len(micro), RESHARD_SEQ, 2, forward_only=True)
     mpu.destroy_model_parallel()
     if not dicts:
         return None
     return sum(float(d["lm loss"]) for d in dicts) / len(dicts)
-
-
-def _reset_layout():
-    from megatron import mpu
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
 
 
 def _convert_runs(workdir):
@@ -93,13 +73,13 @@ def _convert_runs(workdir):
     if rank == 0:
         make_corpus(prefix)
     torch.distributed.barrier()
-    run_pretrain(_overrides(prefix, 2, 2, **{"training.train_iters": 4,
-                                             "checkpoint.save": d["orig"]}))
-    _reset_layout()
+    run_pretrain(reshard_overrides(prefix, 2, 2, **{"training.train_iters": 4,
+                                                    "checkpoint.save": d["orig"]}))
+    reset_layout()
     # The reference continuation: the original checkpoint resumed at its own layout.
-    straight = run_pretrain(_overrides(prefix, 2, 2, **{"training.train_iters": 6,
-                                                        "checkpoint.load": d["orig"]}))
-    _reset_layout()
+    straight = run_pretrain(reshard_overrides(prefix, 2, 2, **{"training.train_iters": 6,
+                                                               "checkpoint.load": d["orig"]}))
+    reset_layout()
     if rank == 0:
         quiet = dict(log=lambda *_: None)
         convert_checkpoint(d["orig"], d["tp1"], 1, 1, include_optimizer=True, **quiet)
@@ -117,9 +97,9 @@ def _convert_runs(workdir):
     resumed = {}
     for name, tp, pp, extra in (("tp4", 4, 1, {}), ("tp1", 1, 1, {}),
                                 ("vp", 1, 2, {"parallel.virtual_pipeline_model_parallel_size": 2})):
-        resumed[name] = run_pretrain(_overrides(prefix, tp, pp, **{
+        resumed[name] = run_pretrain(reshard_overrides(prefix, tp, pp, **{
             "training.train_iters": 6, "checkpoint.load": d[name], **extra}))["train_losses"]
-        _reset_layout()
+        reset_layout()
     # Generation from the TP=2 x PP=2 checkpoint at TP=1 and at TP=4 (merged and re-split
     # in memory), with and without the key-value cache.
     from megatron import mpu
@@ -127,7 +107,7 @@ def _convert_runs(workdir):
     generations = {"tp1": _generations(load_inference_model(d["orig"], device=torch.device("cpu")))}
     mpu.initialize_model_parallel(4, 1)
     generations["tp4"] = _generations(load_inference_model(d["orig"], device=torch.device("cpu")))
-    _reset_layout()
+    reset_layout()
     files = None
     if rank == 0:
         files = {k: sorted(os.listdir(os.path.join(d[k], "iter_0000004"))) for k in d}
@@ -218,7 +198,7 @@ def test_split_merge_round_trip_and_errors(tmp_path):
     """QKV split per head, vocabulary re-padding, and one-line errors for impossible layouts."""
     from megatron.checkpoint import (CheckpointError, CheckpointShards, convert_checkpoint,
                                      merge_model_state, split_tensor)
-    from tests.test_generate import make_bpe_checkpoint
+    from tests.helpers.bpe_checkpoint import make_bpe_checkpoint
     ref = make_bpe_checkpoint(str(tmp_path / "a"), steps=1, tp=2, pp=2)
     full = merge_model_state(CheckpointShards(str(tmp_path / "a")))
     for k, v in ref.state_dict().items():

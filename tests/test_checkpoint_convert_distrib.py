@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_checkpoint_convert import _overrides, _reset_layout
-from tests.test_training import make_corpus, run_pretrain
+from tests.helpers.training import make_corpus, reset_layout, reshard_overrides, run_pretrain
 
 
 def _runs(workdir):
@@ -33,12 +32,12 @@ def _scenario(workdir, prefix, precision, tp, pp):
     orig = os.path.join(workdir, f"{precision}_orig")
     conv = os.path.join(workdir, f"{precision}_tp{tp}_pp{pp}")
     dist = {"parallel.distributed_optimizer": True, "training.precision": precision}
-    run_pretrain(_overrides(prefix, 1, 1, **{"training.train_iters": 4,
-                                             "checkpoint.save": orig, **dist}))
-    _reset_layout()
-    straight = run_pretrain(_overrides(prefix, 1, 1, **{"training.train_iters": 6,
-                                                        "checkpoint.load": orig, **dist}))
-    _reset_layout()
+    run_pretrain(reshard_overrides(prefix, 1, 1, **{"training.train_iters": 4,
+                                                    "checkpoint.save": orig, **dist}))
+    reset_layout()
+    straight = run_pretrain(reshard_overrides(prefix, 1, 1, **{"training.train_iters": 6,
+                                                               "checkpoint.load": orig, **dist}))
+    reset_layout()
     info = None
     if rank == 0:
         convert_checkpoint(orig, conv, tp, pp, include_optimizer=True, log=lambda *_: None)
@@ -54,9 +53,9 @@ def _scenario(workdir, prefix, precision, tp, pp):
                 "distributed": f["config"]["parallel"]["distributed_optimizer"],
                 "moments_nonzero": all(s["exp_avg_sq"].abs().sum() > 0 for s in state.values())}
     torch.distributed.barrier()
-    resumed = run_pretrain(_overrides(prefix, tp, pp, **{
+    resumed = run_pretrain(reshard_overrides(prefix, tp, pp, **{
         "training.train_iters": 6, "checkpoint.load": conv, "training.precision": precision}))
-    _reset_layout()
+    reset_layout()
     return {"straight": straight["train_losses"], "resumed": resumed["train_losses"],
             "info": info}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron import checkpoint
-from tests.test_training import make_corpus, tiny_overrides
+from tests.helpers.training import make_corpus, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

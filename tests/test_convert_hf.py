@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tests.test_generate import PROMPT, make_bpe_checkpoint
+from tests.helpers.bpe_checkpoint import PROMPT, make_bpe_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

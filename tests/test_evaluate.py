@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.test_generate import corpus_text, make_bpe_checkpoint
+from tests.helpers.bpe_checkpoint import corpus_text, make_bpe_checkpoint
 
 
 @pytest.fixture(scope="module")

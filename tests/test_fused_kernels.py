@@ -90,16 +90,24 @@ def test_bias_dropout_add_dropout_draws_from_default_generator(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_module_matches_reference(dtype, device):
+    """fk.LayerNorm is a drop-in for torch.nn.LayerNorm: the same state dict (keys,
+    shapes, dtypes: checkpoints map 1:1 both ways) and, on the same weights, the output
+    and gradients of torch.nn.LayerNorm in fp32."""
     ln = fk.LayerNorm(19, eps=1e-5).to(device=device, dtype=dtype)
-    assert isinstance(ln, torch.nn.LayerNorm)
+    plain = torch.nn.LayerNorm(19, eps=1e-5).to(device=device, dtype=dtype)
+    assert [(k, v.shape, v.dtype) for k, v in ln.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in plain.state_dict().items()]
     with torch.no_grad():
         ln.weight.copy_(torch.randn(19))
         ln.bias.copy_(torch.randn(19))
+    plain.load_state_dict(ln.state_dict())
+    ln.load_state_dict(plain.state_dict())
     (x,) = _leaves(dtype, (5, 3, 19), device=device)
     ref_ln = torch.nn.LayerNorm(19, eps=1e-5).to(device)
     ref_ln.load_state_dict({k: v.float() for k, v in ln.state_dict().items()})
     ref_x = x.detach().float().requires_grad_()
-    out, ref = ln(x), fk.layer_norm_reference(ref_x, ref_ln.weight, ref_ln.bias, 1e-5)
+    out, ref = ln(x), ref_ln(ref_x)
+    assert out.dtype == dtype and out.shape == ref.shape
     g = torch.randn(ref.shape).to(device)
     out.backward(g.to(dtype))
     ref.backward(g)
@@ -108,6 +116,14 @@ def test_layer_norm_module_matches_reference(dtype, device):
     torch.testing.assert_close(x.grad.float(), ref_x.grad, atol=2 * tol, rtol=2 * tol)
     torch.testing.assert_close(ln.weight.grad.float(), ref_ln.weight.grad, atol=4 * tol, rtol=4 * tol)
     torch.testing.assert_close(ln.bias.grad.float(), ref_ln.bias.grad, atol=4 * tol, rtol=4 * tol)
+    if device == "cpu" and dtype == torch.float32:  # the same ATen kernel: equal bits
+        assert torch.equal(ln(ref_x), ref_ln(ref_x))
+    # A normalized shape of more than one dimension falls back to torch's own forward.
+    wide, wide_ref = fk.LayerNorm((3, 19)).to(device), torch.nn.LayerNorm((3, 19)).to(device)
+    with torch.no_grad():
+        wide.weight.copy_(torch.randn(3, 19))
+    wide_ref.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(wide(ref_x), wide_ref(ref_x), rtol=0, atol=0)
 
 
 def test_layer_norm_mixed_dtypes_computes_in_fp32():
@@ -115,8 +131,12 @@ def test_layer_norm_mixed_dtypes_computes_in_fp32():
     (x,) = _leaves(torch.bfloat16, (4, 9))
     out = fk.layer_norm(x, w, b, 1e-5)
     assert out.dtype == torch.bfloat16
+    # fp32 statistics and affine, rounded to bf16 once at the end: equal bits.
     ref = F.layer_norm(x.detach().float(), (9,), w.detach(), b.detach(), 1e-5)
-    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    # (bf16 weights would round the affine too: the check tells the two apart)
+    half = F.layer_norm(x.detach(), (9,), w.detach().bfloat16(), b.detach().bfloat16(), 1e-5)
+    assert not torch.equal(half, out)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,76 +1,10 @@
 """Generation: key-value cached == uncached token for token (greedy and seeded sampling),
 the sampling filters, the tools/generate.py CLI. (TP=4 generation from a TP=2 x PP=2
-checkpoint is checked in test_checkpoint_convert's launch.)
-
-Also holds ``make_bpe_checkpoint``, the small trained GPT-2 BPE checkpoint the
-evaluation, Hugging Face and server tests share.
-"""
-import gzip
-import json
-import os
-
+checkpoint is checked in test_checkpoint_convert's launch.)"""
 import pytest
 import torch
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPT = "In the beginning God created"
-
-
-def tiny_bpe_config(seed=1234, seq_length=48):
-    """A 2-layer GPT on the embedded corpus's BPE tokenizer (8192 ids)."""
-    from megatron.config import Config
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, seq_length
-    m.hidden_dropout = m.attention_dropout = 0.0
-    cfg.tokenizer.type = "GPT2BPETokenizer"
-    cfg.tokenizer.vocab_file = os.path.join(REPO, "data", "kjv-vocab.json")
-    cfg.tokenizer.merge_file = os.path.join(REPO, "data", "kjv-merges.txt")
-    cfg.training.seed = seed
-    cfg.training.device = "cpu"
-    return cfg
-
-
-def corpus_text(num_docs=40):
-    """The first documents of the embedded corpus."""
-    texts = []
-    with gzip.open(os.path.join(REPO, "data", "kjv.jsonl.gz"), "rt", encoding="utf-8") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"])
-            if len(texts) == num_docs:
-                break
-    return "\n".join(texts)
-
-
-def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1):
-    """Train the tiny model a few Adam steps on the corpus and save it at TP x PP.
-
-    Returns the trained TP=1 model (eval mode) for reference computations.
-    """
-    from megatron.checkpoint import build_rank_files, write_checkpoint
-    from megatron.model import GPTModel
-    from megatron.tokenizer import build_tokenizer, padded_vocab_size
-    cfg = tiny_bpe_config(seed)
-    tok = build_tokenizer(cfg.tokenizer)
-    model = GPTModel(cfg, padded_vocab_size(tok.vocab_size, 128, 1), vocab_size=tok.vocab_size)
-    ids = torch.tensor(tok.tokenize(corpus_text()))
-    seq = cfg.model.seq_length
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - seq - 1, (8,), generator=g)
-        batch = torch.stack([ids[s:s + seq + 1] for s in starts])
-        loss = model(batch[:, :-1], labels=batch[:, 1:]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    files = build_rank_files(cfg.to_dict(), steps, steps * 8, full, tp, pp)
-    write_checkpoint(root, steps, files, pp)
-    return model
+from tests.helpers.bpe_checkpoint import PROMPT, make_bpe_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -123,3 +123,71 @@ def test_data_and_tokenizer_never_import_the_model_or_layers():
     forbidden = ["megatron.model", "megatron.mpu.layers", "megatron.mpu.mappings"]
     bad = _violations(_forbidden_imports(["megatron/data/", "megatron/tokenizer/"], forbidden))
     assert not bad, "megatron/data or tokenizer imports the model:\n" + "\n".join(bad)
+
+
+def imports_of_test_modules(tree, package):
+    """(line, module) of every import of a ``tests.test_*`` module in ``tree``, a module of
+    ``package`` (relative imports resolved; ``importlib.import_module("...")`` included)."""
+    hits = []
+
+    def absolute(module, level):
+        if not level:
+            return module
+        base = package.split(".")[:len(package.split(".")) - (level - 1)]
+        return ".".join(base + ([module] if module else []))
+
+    def is_test_module(name):  # tests.test_x..., or test_x... with tests/ on sys.path
+        parts = name.split(".")
+        return parts[0].startswith("test_") or (
+            len(parts) >= 2 and parts[0] == "tests" and parts[1].startswith("test_"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            hits += [(node.lineno, a.name) for a in node.names if is_test_module(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(node.module, node.level)
+            if is_test_module(module):
+                hits.append((node.lineno, module))
+            else:
+                hits += [(node.lineno, f"{module}.{a.name}") for a in node.names
+                         if is_test_module(f"{module}.{a.name}")]
+        elif (isinstance(node, ast.Call) and _dotted(node.func) in ("importlib.import_module",
+                                                                     "import_module", "__import__")
+              and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and is_test_module(node.args[0].value)):
+            hits.append((node.lineno, node.args[0].value))
+    return sorted(hits)
+
+
+def test_no_test_module_imports_another():
+    # Shared helpers live in tests/helpers/ (and tests/dist_harness.py): a test module that
+    # imports another couples their collection, fixtures and import order.
+    tests_dir = os.path.join(ROOT, "tests")
+    bad = []
+    for folder, _, files in os.walk(tests_dir):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+            package = os.path.dirname(rel).replace("/", ".")
+            tree = ast.parse(open(path, encoding="utf-8").read(), filename=rel)
+            bad += [f"{rel}:{line}: imports {module}"
+                    for line, module in imports_of_test_modules(tree, package)]
+    assert not bad, ("a module under tests/ imports a test module (move the shared code to "
+                     "tests/helpers/):\n" + "\n".join(bad))
+
+
+def test_scan_finds_test_module_imports():
+    # The scan itself must see every form: absolute, from the package, relative, dynamic.
+    # ({t} keeps a plain grep of tests/ for such imports quiet.)
+    source = ("import os\nfrom tests.helpers.training import make_corpus\n"
+              "from tests.{t}training import make_corpus\nimport tests.{t}model as m\n"
+              "from tests import {t}generate, dist_harness\nfrom .{t}model import tiny_cfg\n"
+              "from . import {t}gpt_dataset\nimport importlib\n"
+              "importlib.import_module('tests.{t}clip_grads')\nimport {t}mpu_layers\n"
+              ).format(t="test_")
+    found = imports_of_test_modules(ast.parse(source), "tests")
+    assert [line for line, _ in found] == [3, 4, 5, 6, 7, 9, 10], found
+    assert imports_of_test_modules(ast.parse("from ..test_model import tiny_cfg\n"),
+                               "tests.helpers") == [(1, "tests.test_model")]

@@ -7,30 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from megatron.config import Config
 from megatron.model import GPTModel
 from megatron.model.gpt_model import check_model_layout
 from megatron.model.utils import stage_layer_range
-
-
-def tiny_cfg(**overrides):
-    """A small model; overrides are ``section__field=value``."""
-    cfg = Config()
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 64, 4, 16
-    m.hidden_dropout = m.attention_dropout = 0.0
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        setattr(getattr(cfg, section), field, value)
-    return cfg
-
-
-def batch(vocab, b=2, s=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    labels = torch.randint(0, vocab, (b, s), generator=g)
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    return ids, pos, labels
+from tests.helpers.model import batch, tiny_cfg
 
 
 def expected_names(num_layers):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.model.transformer import ParallelTransformerLayer
 from tests.dist_harness import run_distributed
-from tests.test_model import tiny_cfg
+from tests.helpers.model import tiny_cfg
 
 # Every collective (and point-to-point op) torch.distributed offers that a layer
 # could use, by kind; all are counted so that an unexpected one shows up. Names

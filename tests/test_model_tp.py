@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.model import GPTModel
 from tests.dist_harness import run_distributed
-from tests.test_model import batch, tiny_cfg
+from tests.helpers.model import batch, tiny_cfg
 
 VOCAB = 1000          # real tokens: ids and labels stay below this
 PADDED_VOCAB = 1024   # padded to a multiple of 128 x 4, the same for every TP here
@@ -43,7 +43,7 @@ def _sync_sequence_parallel_grads(model):
             dist.all_reduce(p.grad, group=_tp_group())
 
 
-def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None):
+def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None, lr=LR):
     """Losses of STEPS plain SGD steps and the full gradients of the first step."""
     model = GPTModel(cfg, padded_vocab, vocab_size=vocab_size)
     losses, first_grads = [], None
@@ -59,7 +59,7 @@ def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None):
         losses.append(loss.detach())
         with torch.no_grad():
             for p in model.parameters():
-                p -= LR * p.grad
+                p -= lr * p.grad
                 p.grad = None
     return losses, first_grads
 
@@ -88,6 +88,9 @@ def _check_equivalence():
         report[name] = [l.mean().item() for l in losses]
         mpu.destroy_model_parallel()
     report["TP=1"] = [l.mean().item() for l in ref_losses]
+    # The same batches through the untrained model: what the losses would be had no
+    # step (or a step of zero gradient) been taken.
+    report["TP=1 frozen"] = [l.mean().item() for l in _train(tiny_cfg(), lr=0.0)[0]]
     report["padding"] = _check_padding_independence()
     return report
 
@@ -271,9 +274,18 @@ def test_model_tensor_and_pipeline_parallel_equivalence():
     results = run_distributed(_all_checks, 4)
     for rank, r in enumerate(results):
         eq = r["equivalence"]
-        assert set(eq) == {"TP=1", "TP=2", "TP=2 SP", "TP=4", "padding"}
+        assert set(eq) == {"TP=1", "TP=1 frozen", "TP=2", "TP=2 SP", "TP=4", "padding"}
         assert eq["padding"] == [2, 4]
-        assert len(set(round(x, 3) for x in eq["TP=1"])) == STEPS  # the steps did train
+        ref, frozen = eq["TP=1"], eq["TP=1 frozen"]
+        for name in ("TP=2", "TP=2 SP", "TP=4"):
+            assert len(eq[name]) == STEPS
+            for step, (got, want) in enumerate(zip(eq[name], ref)):
+                assert abs(got - want) <= 1e-5 * abs(want), (rank, name, step, eq[name], ref)
+        # The SGD steps moved the later losses by over 100 times that tolerance, so a
+        # wrong gradient at any TP size would have shown in them.
+        assert frozen[0] == ref[0], (frozen, ref)
+        for step in range(1, STEPS):
+            assert abs(ref[step] - frozen[step]) > 1e-3 * abs(frozen[step]), (step, ref, frozen)
         d = r["dropout"]
         assert all(d["replicated_equal"].values()), (rank, d)
         assert d["split_equal_eval"] and not d["split_equal_train"], (rank, d)

@@ -1,8 +1,8 @@
 """Model-parallel RNG tracker and activation checkpointing that replays RNG.
 
 Single-process tests cover the tracker and ``checkpoint``; dropout masks
-across TP ranks (TP=4, TP=2 x DP=2) come from the 4-process launch shared with
-test_mpu_layers.
+across TP ranks (TP=4, TP=2 x DP=2) come from the 4-process mpu launch of
+tests/helpers/tp_launch.py (``dropout_masks``).
 """
 import io
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron import mpu
-from tests.test_mpu_layers import tp_launch_results
+from tests.helpers.tp_launch import tp_launch_results
 
 SEED = 1234
 
@@ -21,19 +21,6 @@ def _fresh_tracker():
     mpu.get_rng_tracker().reset()
     yield
     mpu.get_rng_tracker().reset()
-
-
-def dropout_masks():
-    """After ``model_parallel_seed``: a replicated-region mask (default
-    generator), a split-region one (tracker), and the next replicated one.
-    Run inside the shared launch of test_mpu_layers."""
-    mpu.model_parallel_seed(SEED)
-    ones = torch.ones(64, 32)
-    replicated = F.dropout(ones, 0.5) != 0
-    with mpu.get_rng_tracker().fork():
-        split = F.dropout(ones, 0.5) != 0
-    replicated_after = F.dropout(ones, 0.5) != 0
-    return replicated, split, replicated_after
 
 
 def test_split_region_masks_differ_across_tp_ranks_replicated_equal():
@@ -183,10 +170,23 @@ def test_checkpoint_tuple_outputs_non_tensor_args_and_input_without_grad():
 
 
 def test_checkpoint_under_no_grad_just_runs():
-    lin = torch.nn.Linear(4, 4)
-    with torch.no_grad():
-        y = mpu.checkpoint(lin, torch.randn(2, 4))
-    assert not y.requires_grad and y.shape == (2, 4)
+    """Under no_grad (evaluation) ``checkpoint`` is the plain call: the same values,
+    dropout masks from the same RNG streams, which it advances as the call does."""
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(8, 16)
+    runs = []
+    for checkpointed in (True, False):
+        mpu.model_parallel_seed(SEED)
+        with torch.no_grad():
+            y = mpu.checkpoint(block, x, 0.3, 2.0) if checkpointed else block(x, 0.3, 2.0)
+        with mpu.get_rng_tracker().fork():
+            tracked_after = torch.rand(3)
+        runs.append((y, torch.rand(3), tracked_after))
+    (y, after, tracked_after), (ref, ref_after, ref_tracked_after) = runs
+    assert torch.equal(y, ref) and (y == 0).any()  # dropout did act
+    assert torch.equal(after, ref_after) and torch.equal(tracked_after, ref_tracked_after)
+    assert not y.requires_grad and y.grad_fn is None
 
 
 def test_model_parallel_seed_uses_tp_rank_offset():

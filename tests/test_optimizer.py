@@ -10,7 +10,7 @@ import torch
 from megatron.config import Config
 from megatron.mpu.distributed import DistributedDataParallel
 from megatron.optimizer import OptimizerParamScheduler, get_megatron_optimizer, get_param_groups
-from tests.test_clip_grads import TinyTP, batch, make_cfg, run_iters
+from tests.helpers.tiny_tp import TinyTP, batch, make_cfg, run_iters
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_training import make_corpus, run_pretrain, tiny_overrides
+from tests.helpers.training import make_corpus, run_pretrain, tiny_overrides
 
 N = 3
 

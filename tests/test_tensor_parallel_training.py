@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_training import make_corpus, run_pretrain, tiny_overrides
+from tests.helpers.training import make_corpus, run_pretrain, tiny_overrides
 
 ITERS = 10
 N = 3  # resume after N of 2N iterations

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.test_generate import PROMPT, make_bpe_checkpoint
+from tests.helpers.bpe_checkpoint import PROMPT, make_bpe_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,17 @@ def test_generates_like_the_library(server):
         assert text == im.tokenizer.detokenize(tokens) and text.startswith(prompt)
         assert "".join(segs) == text and len(segs) == len(tokens)
         assert len(lps) == len(tokens) - 1 and max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-5
-    # sampling is seeded: the same seed gives the same text
+    # sampling is seeded: the library's sampled text for that seed and those settings
+    # (not greedy's), the same on every request
     req = {"prompts": [PROMPT], "tokens_to_generate": 8, "temperature": 1.3, "top_p": 0.9,
            "random_seed": 5}
-    assert _request(srv, req) == _request(srv, req)
+    ids = im.tokenizer.tokenize(PROMPT)
+    sampled, _ = generate_tokens(im, ids, 8, temperature=1.3, top_p=0.9, seed=5)
+    greedy, _ = generate_tokens(im, ids, 8, greedy=True)
+    assert sampled != greedy
+    for _ in range(2):
+        status, out = _request(srv, req)
+        assert status == 200 and out["text"] == [im.tokenizer.detokenize(sampled)], out
 
 
 @pytest.mark.parametrize("body,needle", [

@@ -9,7 +9,7 @@ import torch
 
 from megatron import checkpoint
 from tests.dist_harness import free_port
-from tests.test_training import make_corpus, tiny_overrides
+from tests.helpers.training import make_corpus, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -1,10 +1,4 @@
-"""Training loop: loss falls, TensorBoard tags, DP=2 equals DP=1, non-finite loss stop.
-
-Also holds the helpers (synthetic corpus, tiny config, a pretrain call) that the
-resume / checkpoint / torchrun tests share.
-"""
-import functools
-import glob
+"""Training loop: loss falls, TensorBoard tags, DP=2 equals DP=1, non-finite loss stop."""
 import math
 import os
 
@@ -13,57 +7,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-
-VOCAB = 64  # NullTokenizer: id 63 is the end of document
-
-
-def make_corpus(prefix, docs=80, seed=0):
-    """Learnable documents (arithmetic progressions mod 63) as PREFIX.bin/.idx."""
-    from megatron.data.indexed_dataset import IndexedDatasetBuilder
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(docs):
-        n = int(rng.integers(30, 120))
-        start, step = int(rng.integers(0, VOCAB - 1)), int(rng.integers(1, 4))
-        tokens = (start + step * np.arange(n)) % (VOCAB - 1)
-        builder.add_item(np.append(tokens, VOCAB - 1))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return prefix
-
-
-def tiny_overrides(prefix, **extra):
-    """Overrides for a ~30k-parameter GPT on the synthetic corpus (fp32, CPU, no dropout)."""
-    base = {
-        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
-        "model.seq_length": 32, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
-        "model.make_vocab_size_divisible_by": 32,
-        # NullTokenizer(n) has n ordinary ids plus the end of document n: VOCAB ids in all.
-        "tokenizer.type": "NullTokenizer", "tokenizer.vocab_size": VOCAB - 1,
-        "data.data_path": f"[{prefix}]", "data.split": "90,10,0",
-        "training.micro_batch_size": 4, "training.global_batch_size": 8,
-        "training.train_iters": 20, "training.eval_interval": 10, "training.eval_iters": 2,
-        "training.device": "cpu", "training.seed": 1234,
-        "optimizer.lr": 1e-2, "optimizer.min_lr": 1e-3, "optimizer.lr_warmup_iters": 2,
-        "logging.log_interval": 5,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run_pretrain(overrides, forward_step=None):
-    """Build the config and run pretrain() in this process; the history without the sample."""
-    import pretrain_gpt
-    from megatron.config import load_config
-    from megatron.tokenizer import padded_vocab_size
-    from megatron.training import pretrain
-    cfg = load_config(None, overrides)
-    padded = padded_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by,
-                               cfg.parallel.tensor_model_parallel_size)
-    step = forward_step or functools.partial(pretrain_gpt.forward_step, device=torch.device("cpu"))
-    history = pretrain(cfg, functools.partial(pretrain_gpt.model_provider, cfg, padded),
-                       functools.partial(pretrain_gpt.datasets_provider, eod=VOCAB - 1), step)
-    return {k: v for k, v in history.items() if k != "sample"}
+from tests.helpers.training import VOCAB, make_corpus, run_pretrain, tiny_overrides
 
 
 def _nan_forward_step(data_iterator, model):
@@ -77,11 +21,48 @@ def _nan_forward_step(data_iterator, model):
     return output, nan_loss
 
 
+def _evaluate_saved(overrides, root):
+    """Validation and test losses of the model saved under ``root``, computed here
+    without the training loop: a fresh GPTModel with the checkpoint file's weights on
+    the first eval_iters global batches of each split, in order (the loss-mask weighted
+    mean per micro batch, averaged)."""
+    import pretrain_gpt
+    from megatron.config import load_config
+    from megatron.model import GPTModel
+    cfg = load_config(None, overrides)
+    t = cfg.training
+    eval_samples = t.eval_iters * t.global_batch_size
+    _, valid, test = pretrain_gpt.datasets_provider(
+        cfg, [t.train_iters * t.global_batch_size, eval_samples, eval_samples], eod=VOCAB - 1)
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+        iteration = int(f.read())
+    state = torch.load(os.path.join(root, f"iter_{iteration:07d}", "mp_rank_00",
+                                    "model_optim_rng.pt"), weights_only=True)
+    model = GPTModel(cfg, VOCAB, vocab_size=VOCAB)  # 64 ids: no padding at TP=1
+    model.load_state_dict(state["model"])
+    model.eval()
+    out = {"iteration": iteration}
+    for name, ds in (("valid", valid), ("test", test)):
+        losses = []
+        for start in range(0, eval_samples, t.micro_batch_size):
+            samples = [ds[i] for i in range(start, start + t.micro_batch_size)]
+            field = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+            with torch.no_grad():
+                per_token = model(field["tokens"], field["position_ids"], labels=field["labels"])
+            mask = field["loss_mask"].float()
+            losses.append(float((per_token.float() * mask).sum() / mask.sum()))
+        out[name] = sum(losses) / len(losses)
+    return out
+
+
 def _single_rank_runs(workdir):
     prefix = make_corpus(os.path.join(workdir, "corpus"))
     tb = os.path.join(workdir, "tb")
-    full = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 40, "data.split": "80,10,10",
-                                                  "logging.tensorboard_dir": tb}))
+    full_overrides = tiny_overrides(prefix, **{
+        "training.train_iters": 40, "data.split": "80,10,10", "logging.tensorboard_dir": tb,
+        "checkpoint.save": os.path.join(workdir, "ck_full")})
+    full = run_pretrain(full_overrides)
+    saved = _evaluate_saved(full_overrides, os.path.join(workdir, "ck_full"))
     ck = os.path.join(workdir, "ck_duration")
     timed_out = run_pretrain(tiny_overrides(prefix, **{"training.exit_duration_in_mins": 1e-9,
                                                        "checkpoint.save": ck}))
@@ -94,7 +75,7 @@ def _single_rank_runs(workdir):
                      forward_step=_nan_forward_step)
     except TrainingError as e:
         nan_error = str(e)
-    return {"full": full, "nan_error": nan_error, "timed_out": timed_out}
+    return {"full": full, "saved": saved, "nan_error": nan_error, "timed_out": timed_out}
 
 
 def _dp2_run(workdir):
@@ -120,9 +101,15 @@ def test_loss_falls_and_validation_runs(single):
     valid = result["full"]["valid_losses"]
     assert sorted(valid) == [0, 10, 20, 30, 40]
     assert valid[0] > 0.9 * math.log(VOCAB) and valid[40] < valid[10] < valid[0]
-    # The test split is evaluated once at the end: other documents, a similar loss.
+    # The final validation and the test split's one evaluation (after the final save)
+    # are the saved model's losses on those splits, computed independently; the two
+    # splits hold other documents, so their losses tell them apart.
+    saved = result["saved"]
+    assert saved["iteration"] == 40
+    assert valid[40] == pytest.approx(saved["valid"], rel=1e-6), (valid[40], saved)
     test = result["full"]["test_loss"]
-    assert test != valid[40] and abs(test - valid[40]) < 0.2 * valid[40], (test, valid[40])
+    assert test == pytest.approx(saved["test"], rel=1e-6), (test, saved)
+    assert abs(saved["test"] - saved["valid"]) > 1e-3 * saved["valid"], saved
 
 
 def test_exit_duration_saves_and_exits(single):

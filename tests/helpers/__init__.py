@@ -1,0 +1,19 @@
+"""Helpers that more than one test file uses; test modules import from here, never
+from each other (tests/test_house_rules.py checks it).
+
+- ``training``: the synthetic corpus, the tiny GPT's overrides and a pretrain() call
+  (training, resume, checkpoint, conversion, torchrun tests), the re-sharding layout.
+- ``bpe_checkpoint``: a small trained GPT-2 BPE checkpoint at any TP x PP layout
+  (generation, evaluation, Hugging Face, server and conversion tests).
+- ``model``: a tiny GPT config and a random batch (model, TP model, collectives tests).
+- ``data``: an indexed dataset whose tokens are their own positions (dataset tests).
+- ``tiny_tp``: a tiny tensor-parallel model with its batches, optimizer config and
+  training iterations (optimizer, clipping, mixed-precision, distributed-optimizer tests).
+- ``optimizer_launch``: the one 4-process launch whose per-rank results those optimizer
+  tests check.
+- ``tp_launch`` with ``tp_layer_checks`` and ``tp_cross_entropy_checks``: the one
+  4-process launch of the mpu tests (layers and mappings, cross entropy, dropout masks).
+
+The multi-process launcher itself is ``tests/dist_harness.py``. Functions run by it
+live at module level here so that spawn can pickle them by name.
+"""
