@@ -8,6 +8,8 @@ import functools
 import os
 import sys
 
+from megatron.cli import command
+
 
 def model_provider(cfg, padded_vocab, pre_process=True, post_process=True, vocab_size=None):
     """GPTModel for one pipeline chunk.
@@ -58,6 +60,7 @@ def _device_for(cfg):
     return select_device(cfg.training.device)
 
 
+@command
 def main(argv=None):
     """Parse arguments, build the providers and train; user errors exit with one line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,41 +71,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # torch is imported only after the config is known good: errors come back fast.
-    from megatron.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides,
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    from megatron.config import load_config
+    cfg = load_config(args.config, args.overrides,
+                      world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
-    from megatron.checkpoint import CheckpointError
-    from megatron.data.gpt_dataset import DataConfigError
-    from megatron.data.indexed_dataset import IndexedDatasetError
-    from megatron.data.preprocess import PreprocessError
-    from megatron.training import TrainingError, pretrain
+    from megatron.training import pretrain
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
-    try:
-        tokenizer = build_tokenizer(cfg.tokenizer)
-    except (ValueError, OSError) as e:
-        sys.exit(f"tokenizer error: {e}")
+    tokenizer = build_tokenizer(cfg.tokenizer)
     padded = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
     device = _device_for(cfg)
-    try:
-        pretrain(cfg,
-                 functools.partial(model_provider, cfg, padded, vocab_size=tokenizer.vocab_size),
-                 functools.partial(datasets_provider, eod=tokenizer.eod),
-                 functools.partial(forward_step, device=device),
-                 tokenizer=tokenizer)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, DataConfigError,
-            IndexedDatasetError, PreprocessError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        from megatron.initialize import destroy_megatron
-        destroy_megatron()
+    pretrain(cfg,
+             functools.partial(model_provider, cfg, padded, vocab_size=tokenizer.vocab_size),
+             functools.partial(datasets_provider, eod=tokenizer.eod),
+             functools.partial(forward_step, device=device),
+             tokenizer=tokenizer)
     return 0
 
 

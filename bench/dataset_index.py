@@ -21,16 +21,14 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from megatron.data.indexed_dataset import write_index  # noqa: E402
+from harness import megatron_env  # bench/harness.py: a script's own directory leads sys.path
+from megatron.data.indexed_dataset import write_index
 
 # The build measured in the child: everything from interpreter start-up to the arrays on disk.
+# The child imports the megatron this process imports (PYTHONPATH from megatron_env).
 OURS = r"""
-import json, sys, time
+import json, time
 t0 = time.perf_counter()
-sys.path.insert(0, {root!r})
 from megatron.data.gpt_dataset import GPTDataset
 from megatron.data.indexed_dataset import IndexedDataset
 t1 = time.perf_counter()
@@ -118,12 +116,13 @@ def main():
         print(f"dataset: {args.num_docs:,} documents x {args.doc_len} tokens = {tokens:,} tokens "
               f"(.idx {os.path.getsize(prefix + '.idx') / 2**20:.0f} MiB, sparse .bin) "
               f"made in {time.perf_counter() - t:.1f} s")
-        fields = dict(root=ROOT, prefix=prefix, seq_length=args.seq_length, seed=args.seed)
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        fields = dict(prefix=prefix, seq_length=args.seq_length, seed=args.seed)
         figures = {}
         for name, python, template in (("ours", sys.executable, OURS), ("mcore", args.mcore_python, MCORE)):
             if python is None:
                 continue
+            # megatron-core's venv must not see our `megatron` (the same top-level name).
+            env = megatron_env(OMP_NUM_THREADS="1") if name == "ours" else dict(os.environ, OMP_NUM_THREADS="1")
             best = None
             for r in range(args.repeat):
                 cache = os.path.join(workdir, f"cache-{name}-{r}")

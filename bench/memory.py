@@ -10,19 +10,15 @@ counted as parameter bytes). Prints a table, then one line of key=value.
     python bench/memory.py [--layers 8 --hidden 256 --heads 8 --seq 256 --batch 2 --vocab 2048]
 """
 import argparse
-import os
 import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron import mpu  # noqa: E402
-from megatron.config import Config  # noqa: E402
-from megatron.model import GPTModel  # noqa: E402
-from tests.dist_harness import run_distributed  # noqa: E402
+from harness import run_ranks  # bench/harness.py: a script's own directory leads sys.path
+from megatron import mpu
+from megatron.config import Config
+from megatron.model import GPTModel
 
 MB = 2 ** 20
 RECOMPUTE = ("none", "selective", "full")
@@ -101,7 +97,7 @@ def main():
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     for tp in args.tp:
-        rows += run_distributed(measure, tp, args, tp, timeout=1800)[0]  # rank 0 stands for all
+        rows += run_ranks(measure, tp, args, tp, timeout=1800)[0]  # rank 0 stands for all
     base = {r["recompute"]: r for r in rows if r["tp"] == 1} or \
         {r["recompute"]: r for r in rows if r["tp"] == args.tp[0] and not r["sp"]}
     print(f"{'TP':>3} {'SP':>3} {'recompute':>10} {'params MB':>10} {'sharded':>9} "

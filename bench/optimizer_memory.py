@@ -11,12 +11,8 @@ optimizer the first two fall as 1/DP.
 Ends with one line of key=value figures (bytes per rank).
 """
 import argparse
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _measure(precision, layers, hidden, vocab):
@@ -69,7 +65,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
-    from tests.dist_harness import run_distributed
+    from harness import run_ranks
 
     print(f"torch {torch.__version__}, CPU gloo, precision {args.precision}, "
           f"GPT {args.layers} layers x hidden {args.hidden}, vocab {args.vocab}")
@@ -77,7 +73,7 @@ def main():
           f"{'opt total MB':>13} {'grad buf MB':>12}")
     figures = {}
     for dp in args.dp:
-        res = run_distributed(_measure, dp, args.precision, args.layers, args.hidden,
+        res = run_ranks(_measure, dp, args.precision, args.layers, args.hidden,
                               args.vocab)[0]
         for kind, r in res.items():
             total = r["adam"] + r["masters"]

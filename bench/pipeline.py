@@ -28,8 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # (p, m, v) measured; grouped by p so that one launch serves each p.
 CASES = [(2, 4, 1), (2, 4, 2), (2, 8, 1), (2, 8, 2),
          (4, 8, 1), (4, 8, 2), (4, 8, 4), (4, 16, 1), (4, 16, 2)]

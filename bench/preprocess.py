@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from harness import megatron_env  # bench/harness.py: a script's own directory leads sys.path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,7 +33,7 @@ def run_once(cmd):
     """Wall seconds, CPU seconds (it and its workers) and peak RSS (MiB, the largest of
     it and its workers) of one command, and the last line it printed."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=megatron_env())
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -45,7 +47,6 @@ def run_once(cmd):
 def measure_engines(texts, figures):
     """Single-thread MB/s of tiktoken and HF tokenizers on ``texts``; checks equal ids."""
     os.environ["RAYON_NUM_THREADS"] = "1"  # read when tokenizers starts its pool
-    sys.path.insert(0, ROOT)
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from megatron.tokenizer import build_tokenizer

@@ -14,20 +14,16 @@ each round). FLOPs are counted as in the Megatron-LM papers (bench/flops.py).
 Last line: tokens_per_s=... mfu=... baseline_ratio=... ms_per_iter=... peak_gflops=...
 """
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
+from flops import gpt_flops_per_iteration
 
-import baseline_gpt2  # noqa: E402
-from flops import gpt_flops_per_iteration  # noqa: E402
-
-from megatron.utils import DTYPES  # noqa: E402
+from megatron.utils import DTYPES
 
 
 def _sync(device):

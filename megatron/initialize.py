@@ -23,7 +23,8 @@ def select_device(device="auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device=cuda but CUDA is not available")
+            from megatron.config import ConfigError
+            raise ConfigError("training.device=cuda but CUDA is not available")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())

@@ -5,4 +5,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Tools and benches run as subprocesses (`python tools/x.py`) import `megatron` as an
+# installed package: lead their path with this checkout too, whichever one is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT])
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -89,7 +89,7 @@ def test_failures_on_some_ranks_raise_on_every_rank(tmp_path):
         assert all(in_step for _, in_step in (r["block"], r["index"], r["datasets"], r["save"])), rank
         # The failed rank re-raises its own error; the others name it.
         assert r["block"][0] == (("ValueError", "rank 1's own error") if rank == 1 else
-                                 ("RuntimeError", r["block"][0][1]))
+                                 ("RanksFailedError", r["block"][0][1]))
         if rank != 1:
             assert "the test block failed on rank 1 " in r["block"][0][1]
         for case, failed, own in (("index", 0, "OSError"), ("datasets", 0, "FileNotFoundError"),
@@ -98,7 +98,7 @@ def test_failures_on_some_ranks_raise_on_every_rank(tmp_path):
             if rank == failed:
                 assert kind == own, (case, rank, message)
             else:
-                assert kind == "RuntimeError" and f"failed on rank {failed} " in message, (case, rank, message)
+                assert kind == "RanksFailedError" and f"failed on rank {failed} " in message, (case, rank, message)
                 assert "\n" not in message
         assert "saving the checkpoint of iteration 2" in results[0]["save"][0][1]
         # The failed save was never renamed into place: iteration 1 is still the one to load.

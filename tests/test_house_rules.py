@@ -3,8 +3,9 @@
 Only ``megatron/mpu`` talks to ``torch.distributed``; ``mpu`` imports nothing
 else of ``megatron``; ``megatron`` never imports ``tools``, ``bench`` or
 ``tests``; the model never imports the loop, checkpoints, data or tools; data
-and tokenizers never import the model or mpu's layers. Each failure names the
-file and line.
+and tokenizers never import the model or mpu's layers; tools and benches never
+edit ``sys.path``, and every entry point runs through ``megatron.cli``. Each
+failure names the file and line.
 """
 import ast
 import os
@@ -191,3 +192,37 @@ def test_scan_finds_test_module_imports():
     assert [line for line, _ in found] == [3, 4, 5, 6, 7, 9, 10], found
     assert imports_of_test_modules(ast.parse("from ..test_model import tiny_cfg\n"),
                                "tests.helpers") == [(1, "tests.test_model")]
+
+
+def _scripts(*folders):
+    """(relative path, text) of every .py file directly in ``folders``."""
+    for folder in folders:
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".py"):
+                rel = f"{folder}/{name}"
+                yield rel, open(os.path.join(ROOT, rel), encoding="utf-8").read()
+
+
+def test_tools_and_benches_import_the_installed_package():
+    # `pip install -e .` makes megatron importable; a script that edits sys.path could
+    # import another checkout's code than the one installed.
+    bad = [f"{rel}:{n}: {line.strip()}" for rel, text in _scripts("tools", "bench")
+           for n, line in enumerate(text.splitlines(), 1) if "sys.path.insert" in line]
+    assert not bad, "sys.path edited in tools/ or bench/:\n" + "\n".join(bad)
+
+
+def test_every_entry_point_runs_through_the_cli_runner():
+    # pretrain_gpt.py and each tool: `main` decorated with megatron.cli.command, so a user
+    # error is one line, exit 1, and the process group is torn down.
+    bad = []
+    entry = os.path.join(ROOT, "pretrain_gpt.py")
+    for rel, text in [*_scripts("tools"), ("pretrain_gpt.py", open(entry, encoding="utf-8").read())]:
+        tree = ast.parse(text, filename=rel)
+        imports_command = any(isinstance(n, ast.ImportFrom) and n.module == "megatron.cli"
+                              and any(a.name == "command" for a in n.names) for n in tree.body)
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        decorated = main is not None and any(
+            _dotted(d.func if isinstance(d, ast.Call) else d) == "command" for d in main.decorator_list)
+        if not (imports_command and decorated):
+            bad.append(rel)
+    assert not bad, "main() not decorated with megatron.cli.command in: " + ", ".join(bad)

@@ -9,12 +9,12 @@ in memory). Without --include-optimizer the result holds no optimizer state
 (resume it with a fresh optimizer).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.cli import command
 
 
+@command
 def main(argv=None):
     """Parse arguments and convert; user errors exit with one line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,16 +31,12 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the tokenizer's vocabulary size (default: built from the checkpoint's config)")
     args = p.parse_args(argv)
-    from megatron.checkpoint import CheckpointError, convert_checkpoint
-    try:
-        convert_checkpoint(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
-                           args.target_pipeline_parallel_size,
-                           args.target_virtual_pipeline_parallel_size,
-                           include_optimizer=args.include_optimizer, iteration=args.iteration,
-                           vocab_size=args.vocab_size)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from megatron.checkpoint import convert_checkpoint
+    convert_checkpoint(args.load_dir, args.save_dir, args.target_tensor_parallel_size,
+                       args.target_pipeline_parallel_size,
+                       args.target_virtual_pipeline_parallel_size,
+                       include_optimizer=args.include_optimizer, iteration=args.iteration,
+                       vocab_size=args.vocab_size)
     return 0
 
 

@@ -10,12 +10,13 @@ model.safetensors and the tokenizer files; import writes a checkpoint at
 iteration 0 (local directories only, no hub access).
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.cli import command
+from megatron.errors import UserError
 
 
+@command
 def main(argv=None):
     """Parse arguments and convert; user errors exit with one line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,20 +34,18 @@ def main(argv=None):
     i.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
                    help="default: the config's model.make_vocab_size_divisible_by")
     args = p.parse_args(argv)
-    from megatron.checkpoint import CheckpointError, export_to_hf, import_from_hf
+    from megatron.checkpoint import export_to_hf, import_from_hf
     try:
         if args.command == "export":
             export_to_hf(args.load_dir, args.save_dir, vocab_size=args.vocab_size)
         else:
             import_from_hf(args.hf_dir, args.save_dir, args.target_tensor_parallel_size,
                            args.target_pipeline_parallel_size, args.make_vocab_size_divisible_by)
-    except ImportError as err:
-        print(f"error: {err}; the Hugging Face conversion needs transformers and safetensors "
-              "(pip install -e .[hf])", file=sys.stderr)
-        return 1
-    except (CheckpointError, OSError, ValueError) as err:
-        print(f"error: {(str(err).splitlines() or [repr(err)])[0]}", file=sys.stderr)
-        return 1
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in ("transformers", "safetensors"):
+            raise  # one of our own modules: a bug
+        raise UserError(f"{err}; the Hugging Face conversion needs transformers and safetensors "
+                        "(pip install -e .[hf])") from None
     return 0
 
 

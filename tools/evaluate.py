@@ -11,9 +11,22 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.cli import command
+from megatron.errors import UserError
 
 
+def read_text(path):
+    """The text of ``--data``; a missing or non-UTF-8 file is the user's to fix."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--data {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+@command
 def main(argv=None):
     """Parse arguments, evaluate, print the JSON line; user errors exit with one line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,35 +42,22 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
-    import torch
     from tqdm import tqdm
-    from megatron.checkpoint import CheckpointError
     from megatron.inference.evaluation import evaluate_lambada, evaluate_wikitext, read_lambada
     from megatron.inference.loader import init_inference_parallel, load_inference_model
     from megatron.initialize import select_device
     rank0 = int(os.environ.get("RANK", "0")) == 0
     progress = (lambda xs: tqdm(xs, file=sys.stderr)) if rank0 else None
-    try:
-        if not os.path.isfile(args.data):
-            raise ValueError(f"--data {args.data} does not exist")
-        device = select_device(args.device)
-        init_inference_parallel(device)
-        im = load_inference_model(args.load, device=device)
-        if args.task == "wikitext":
-            with open(args.data, encoding="utf-8") as f:
-                text = f.read()
-            result = evaluate_wikitext(im, text, args.overlapping_eval,
-                                       detokenize=not args.no_detokenize, progress=progress)
-        else:
-            result = evaluate_lambada(im, read_lambada(args.data), strict=args.strict,
-                                      progress=progress)
-    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            from megatron.initialize import destroy_megatron
-            destroy_megatron()
+    text = read_text(args.data)
+    device = select_device(args.device)
+    init_inference_parallel(device)
+    im = load_inference_model(args.load, device=device)
+    if args.task == "wikitext":
+        result = evaluate_wikitext(im, text, args.overlapping_eval,
+                                   detokenize=not args.no_detokenize, progress=progress)
+    else:
+        result = evaluate_lambada(im, read_lambada(args.data), strict=args.strict,
+                                  progress=progress)
     result["checkpoint"] = args.load
     result["iteration"] = im.iteration
     if rank0:

@@ -11,9 +11,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.cli import command
 
 
+@command
 def main(argv=None):
     """Parse arguments, load the model, print the continuation; user errors exit with one line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,25 +30,15 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
-    import torch
-    from megatron.checkpoint import CheckpointError
     from megatron.inference.generation import generate
     from megatron.inference.loader import init_inference_parallel, load_inference_model
     from megatron.initialize import select_device
-    try:
-        device = select_device(args.device)
-        init_inference_parallel(device)
-        im = load_inference_model(args.load, device=device)
-        text, _ = generate(im, args.prompt, args.max_new_tokens, greedy=args.greedy,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, use_cache=not args.no_cache)
-    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            from megatron.initialize import destroy_megatron
-            destroy_megatron()
+    device = select_device(args.device)
+    init_inference_parallel(device)
+    im = load_inference_model(args.load, device=device)
+    text, _ = generate(im, args.prompt, args.max_new_tokens, greedy=args.greedy,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, use_cache=not args.no_cache)
     if int(os.environ.get("RANK", "0")) == 0:
         print(text, flush=True)
     return 0

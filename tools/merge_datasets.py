@@ -11,15 +11,13 @@ import argparse
 import os
 import sys
 
-# Run from a checkout without installing: make `megatron` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron.data.indexed_dataset import (  # noqa: E402
-    IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError)
+from megatron.cli import command
+from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
+from megatron.errors import UserError
 
 
-class MergeError(Exception):
-    """A user-caused problem: one line, no traceback."""
+class MergeError(UserError):
+    """Inputs that cannot be merged (a missing directory or half pair, differing dtypes)."""
 
 
 def find_prefixes(directory):
@@ -74,20 +72,17 @@ def merge(directory, output_prefix):
     return prefixes
 
 
+@command
 def main(argv=None):
     """Command line entry; user errors print one line and exit 1."""
     p = argparse.ArgumentParser(description="Merge every .bin/.idx pair in a directory, in sorted order.")
     p.add_argument("--input", required=True, help="directory holding the .bin/.idx pairs")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     args = p.parse_args(argv)
-    try:
-        out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-        if not os.path.isdir(out_dir):
-            raise MergeError(f"output directory does not exist: {out_dir}")
-        prefixes = merge(args.input, args.output_prefix)
-    except (MergeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise MergeError(f"output directory does not exist: {out_dir}")
+    prefixes = merge(args.input, args.output_prefix)
     print(f"merged {len(prefixes)} datasets into {args.output_prefix}.bin/.idx")
     return 0
 

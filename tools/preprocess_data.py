@@ -8,14 +8,11 @@ writes data/kjv_text_document.bin and .idx.
 """
 
 import argparse
-import os
 import sys
 
-# Run from a checkout without installing: make `megatron` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron.data.preprocess import PreprocessError, preprocess  # noqa: E402
-from megatron.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron.cli import command
+from megatron.data.preprocess import preprocess
+from megatron.tokenizer import TOKENIZER_TYPES
 
 
 def parse_args(argv=None):
@@ -43,25 +40,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command(interrupted="interrupted: no output written")
 def main(argv=None):
-    """Run preprocessing; user errors print one line and exit 1."""
+    """Run preprocessing; user errors (and OSError, e.g. a full disk) print one line and exit 1,
+    leaving no partial output."""
     args = parse_args(argv)
     tokenizer_cfg = {"type": args.tokenizer_type, "vocab_file": args.vocab_file, "merge_file": args.merge_file,
                      "tokenizer_model": args.tokenizer_model, "vocab_size": args.vocab_size}
-    try:
-        summary = preprocess(args.input, args.output_prefix, tokenizer_cfg, json_keys=args.json_keys,
-                             append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
-                             skip_bad_lines=args.skip_bad_lines, keep_empty=args.keep_empty,
-                             progress=not args.no_progress)
-    except PreprocessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. disk full while writing: still one line, no partial output
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    summary = preprocess(args.input, args.output_prefix, tokenizer_cfg, json_keys=args.json_keys,
+                         append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
+                         skip_bad_lines=args.skip_bad_lines, keep_empty=args.keep_empty,
+                         progress=not args.no_progress)
     for out in summary.outputs:
         print(f"wrote {out}.bin and {out}.idx")
     if args.skip_bad_lines and summary.bad_lines:

@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron.cli import command
+from megatron.errors import UserError
 
 
+@command
 def main(argv=None):
     """Parse arguments, load the model and serve until interrupted."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,21 +30,15 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: the server runs as one process (it merges any checkpoint layout itself); "
-              "start it without torchrun", file=sys.stderr)
-        return 1
-    from megatron.checkpoint import CheckpointError
+        raise UserError("the server runs as one process (it merges any checkpoint layout itself); "
+                        "start it without torchrun")
     from megatron.inference.loader import load_inference_model
     from megatron.inference.server import ServerLimits, make_server
     from megatron.initialize import select_device
-    try:
-        im = load_inference_model(args.load, device=select_device(args.device))
-        limits = ServerLimits(args.max_prompts, args.max_prompt_tokens,
-                              args.max_tokens_to_generate, args.max_body_bytes)
-        server = make_server(im, args.host, args.port, limits)
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-        print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
-        return 1
+    im = load_inference_model(args.load, device=select_device(args.device))
+    limits = ServerLimits(args.max_prompts, args.max_prompt_tokens,
+                          args.max_tokens_to_generate, args.max_body_bytes)
+    server = make_server(im, args.host, args.port, limits)
     host, port = server.server_address[:2]
     print(f"serving {args.load} (iteration {im.iteration}) on http://{host}:{port}/api", flush=True)
     try:

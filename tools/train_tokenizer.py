@@ -20,10 +20,13 @@ import shutil
 import sys
 import tempfile
 
+from megatron.cli import command
+from megatron.errors import UserError
+
 EOD = "<|endoftext|>"
 
 
-class TrainTokenizerError(Exception):
+class TrainTokenizerError(UserError):
     """A user-caused problem (paths, corpus); printed as one line by the CLI."""
 
 
@@ -111,7 +114,9 @@ def train_sentencepiece(texts, vocab_size, output_prefix, model_type="bpe"):
     return written
 
 
+@command
 def main(argv=None):
+    """Parse arguments and train; user errors print one line and exit 1."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help=".jsonl, .jsonl.gz or a glob of them")
     p.add_argument("--json-key", default="text")
@@ -120,19 +125,15 @@ def main(argv=None):
     p.add_argument("--min-frequency", type=int, default=2, help="bpe: least count of a merged pair")
     p.add_argument("--output-prefix", required=True)
     args = p.parse_args(argv)
-    try:
-        out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-        if not os.path.isdir(out_dir):
-            raise TrainTokenizerError(f"output directory does not exist: {out_dir}")
-        texts = iter_texts(args.input, args.json_key)
-        if args.type == "bpe":
-            files = train_bpe(texts, args.vocab_size, args.output_prefix, args.min_frequency)
-        else:
-            # SentencePiece's trainer consumes a list more reliably than a generator.
-            files = train_sentencepiece(list(texts), args.vocab_size, args.output_prefix)
-    except TrainTokenizerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise TrainTokenizerError(f"output directory does not exist: {out_dir}")
+    texts = iter_texts(args.input, args.json_key)
+    if args.type == "bpe":
+        files = train_bpe(texts, args.vocab_size, args.output_prefix, args.min_frequency)
+    else:
+        # SentencePiece's trainer consumes a list more reliably than a generator.
+        files = train_sentencepiece(list(texts), args.vocab_size, args.output_prefix)
     for f in files:
         print(f"wrote {f}")
     return 0

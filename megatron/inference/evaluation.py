@@ -20,7 +20,13 @@ import re
 
 import torch
 
+from megatron.errors import UserError
 from megatron.utils import perplexity
+
+
+class EvaluationError(UserError, ValueError):
+    """Evaluation input that cannot be scored (a bad data line, too short a text, an
+    out-of-range window step); one line naming the values."""
 
 
 def wikitext_detokenize(text):
@@ -48,8 +54,8 @@ def sliding_windows(num_tokens, seq_length, overlapping_eval):
     targets); target j is the token at position j.
     """
     if overlapping_eval < 1 or overlapping_eval > seq_length:
-        raise ValueError(f"overlapping_eval must be in [1, seq_length={seq_length}], "
-                         f"got {overlapping_eval}")
+        raise EvaluationError(f"overlapping_eval must be in [1, seq_length={seq_length}], "
+                              f"got {overlapping_eval}")
     windows, scored, start = [], 0, 0
     while scored < num_tokens - 1:
         end = min(start + seq_length, num_tokens - 1)
@@ -76,7 +82,7 @@ def evaluate_wikitext(im, text, overlapping_eval=32, detokenize=True, progress=N
         text = wikitext_detokenize(text)
     tokens = im.tokenizer.tokenize(text)
     if len(tokens) < 2:
-        raise ValueError(f"the text has {len(tokens)} token(s); at least 2 are needed")
+        raise EvaluationError(f"the text has {len(tokens)} token(s); at least 2 are needed")
     seq = im.cfg.model.seq_length
     windows = sliding_windows(len(tokens), seq, overlapping_eval)
     total = 0.0
@@ -96,7 +102,7 @@ def lambada_example(tokenizer, text, strict):
     """(tokens, number of final tokens to predict) for one LAMBADA passage."""
     text = text.strip()
     if not text:
-        raise ValueError("empty LAMBADA passage")
+        raise EvaluationError("empty LAMBADA passage")
     if strict:
         last_word = text.split()[-1]
         context = text[:text.rfind(last_word)].strip()
@@ -114,7 +120,7 @@ def evaluate_lambada(im, texts, strict=False, progress=None):
     for text in (progress(texts) if progress else texts):
         tokens, n = lambada_example(im.tokenizer, text, strict)
         if len(tokens) < n + 1:
-            raise ValueError(f"LAMBADA passage too short to predict its last word: {text!r}")
+            raise EvaluationError(f"LAMBADA passage too short to predict its last word: {text!r}")
         tokens = tokens[-(seq + 1):]  # the model sees at most seq_length inputs
         logits = im.logits(torch.tensor([tokens[:-1]], dtype=torch.long))[0]
         pred = logits[-n:].argmax(dim=-1).cpu().tolist()
@@ -125,7 +131,7 @@ def evaluate_lambada(im, texts, strict=False, progress=None):
 
 
 def read_lambada(path):
-    """The ``text`` of each line of a LAMBADA-style JSONL file (ValueError names the bad line)."""
+    """The ``text`` of each line of a LAMBADA-style JSONL file (EvaluationError names the bad line)."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -134,10 +140,10 @@ def read_lambada(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+                raise EvaluationError(f"{path}:{i}: not JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{i}: expected an object with a string \"text\"")
+                raise EvaluationError(f"{path}:{i}: expected an object with a string \"text\"")
             texts.append(obj["text"])
     if not texts:
-        raise ValueError(f"{path} holds no examples")
+        raise EvaluationError(f"{path} holds no examples")
     return texts

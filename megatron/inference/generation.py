@@ -8,7 +8,7 @@ pick the same tokens without further communication.
 import torch
 
 from megatron import mpu
-from megatron.inference.sampling import check_sampling_args, sample_next
+from megatron.inference.sampling import GenerationError, check_sampling_args, sample_next
 from megatron.model.inference_params import InferenceParams
 
 
@@ -38,17 +38,17 @@ def generate_tokens(im, prompt_tokens, tokens_to_generate, greedy=False, tempera
     ``(tokens, logprobs)``: all tokens (prompt + generated) and, with
     ``return_logprobs``, the log probability of each token after the first
     under the model (else None). Stops early at the end-of-document token when
-    ``stop_at_eod``. Raises ValueError when the total length exceeds the
-    model's positions or a setting is out of range.
+    ``stop_at_eod``. Raises GenerationError (a ValueError) when the total length
+    exceeds the model's positions or a setting is out of range.
     """
     check_sampling_args(greedy, temperature, top_k, top_p)
     if tokens_to_generate < 0:
-        raise ValueError(f"tokens_to_generate must be >= 0, got {tokens_to_generate}")
+        raise GenerationError(f"tokens_to_generate must be >= 0, got {tokens_to_generate}")
     tokens = list(prompt_tokens) or [im.tokenizer.eod]
     total = len(tokens) + tokens_to_generate
     if total > im.max_sequence_length:
-        raise ValueError(f"prompt of {len(tokens)} tokens + {tokens_to_generate} new tokens = "
-                         f"{total} exceeds the model's {im.max_sequence_length} positions")
+        raise GenerationError(f"prompt of {len(tokens)} tokens + {tokens_to_generate} new tokens = "
+                              f"{total} exceeds the model's {im.max_sequence_length} positions")
     generator = None
     if not greedy:
         generator = torch.Generator(device="cpu")

@@ -1,16 +1,23 @@
 """Next-token choice from logits: greedy, temperature, top-k, top-p (nucleus)."""
 import torch
 
+from megatron.errors import UserError
+
+
+class GenerationError(UserError, ValueError):
+    """Generation settings the model cannot honour (a sampling value out of range, more
+    tokens than its positions); one line naming the values."""
+
 
 def check_sampling_args(greedy, temperature, top_k, top_p):
-    """Raise ValueError (one line) for out-of-range sampling settings."""
+    """Raise GenerationError (one line) for out-of-range sampling settings."""
     if not greedy:
         if not (temperature > 0.0):
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise GenerationError(f"temperature must be > 0, got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not (0.0 <= top_p <= 1.0):
-        raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
+        raise GenerationError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
 
 
 def filter_logits(logits, top_k=0, top_p=0.0):

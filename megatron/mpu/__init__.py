@@ -40,6 +40,7 @@ from .parallel_state import (
     set_virtual_pipeline_model_parallel_world_size,
 )
 from .collectives import (
+    RanksFailedError,
     all_gather_object,
     all_reduce,
     barrier,

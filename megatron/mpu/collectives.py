@@ -98,6 +98,13 @@ def barrier(group=None):
         dist.barrier(group=group)
 
 
+class RanksFailedError(RuntimeError):
+    """Raised by ``fail_together`` on the ranks whose block succeeded: another rank failed.
+
+    Its one-line message names the failed ranks, whose own error (and traceback, if it
+    is a bug) is in their output; ``megatron.cli`` prints it as one line."""
+
+
 def _failed_ranks(failed, group):
     """Global ranks of ``group`` that report ``failed`` (one small all-reduce)."""
     flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32,
@@ -115,11 +122,12 @@ def fail_together(what, group=None):
     disk full while saving), left by every rank of ``group`` (default: all) together.
 
     A rank whose block raised re-raises its own error; the others raise a one-line
-    RuntimeError naming the failed ranks, instead of waiting at their next collective
-    until the timeout. Every rank of the group must enter the block; its exit is one
-    small all-reduce, which also serves as the barrier after the block. Blocks may nest
-    or be entered in different places on different ranks (rank 0 first), since every
-    exit is the same collective. Without torch.distributed it is a plain block.
+    ``RanksFailedError`` (a RuntimeError) naming the failed ranks, instead of waiting
+    at their next collective until the timeout. Every rank of the group must enter the
+    block; its exit is one small all-reduce, which also serves as the barrier after the
+    block. Blocks may nest or be entered in different places on different ranks (rank 0
+    first), since every exit is the same collective. Without torch.distributed it is a
+    plain block.
     """
     if not is_distributed():
         yield
@@ -131,5 +139,5 @@ def fail_together(what, group=None):
         raise
     bad = _failed_ranks(False, group)
     if bad:
-        raise RuntimeError(f"{what} failed on rank{'s' if len(bad) > 1 else ''} "
-                           f"{', '.join(map(str, bad))} (its error is in that rank's output)")
+        raise RanksFailedError(f"{what} failed on rank{'s' if len(bad) > 1 else ''} "
+                               f"{', '.join(map(str, bad))} (its error is in that rank's output)")

@@ -11,6 +11,10 @@ class TokenizerConfigError(UserError, ValueError):
     """A tokenizer section that names a missing file or an unknown type."""
 
 
+class TokenizerFileError(UserError, ValueError):
+    """A tokenizer file that is missing or malformed (one clear line)."""
+
+
 def _get(cfg, name):
     if isinstance(cfg, dict):
         return cfg.get(name)

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from megatron.errors import UserError
+from .build import TokenizerFileError
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -36,10 +36,6 @@ def bytes_to_unicode():
             chars.append(256 + n)
             n += 1
     return dict(zip(printable, map(chr, chars)))
-
-
-class TokenizerFileError(UserError, ValueError):
-    """A tokenizer file that is missing or malformed (one clear line)."""
 
 
 def _load_vocab_and_merges(vocab_file, merge_file):

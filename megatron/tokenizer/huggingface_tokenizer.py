@@ -2,6 +2,8 @@
 
 import os
 
+from .build import TokenizerFileError
+
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
 
@@ -19,14 +21,14 @@ class HuggingFaceTokenizer:
         try:
             self._tok = Tokenizer.from_file(tokenizer_file)
         except Exception as e:  # the Rust side raises a plain Exception
-            raise ValueError(f"{tokenizer_file}: not a tokenizer.json ({e})") from None
+            raise TokenizerFileError(f"{tokenizer_file}: not a tokenizer.json ({e})") from None
         for name in EOD_CANDIDATES:
             i = self._tok.token_to_id(name)
             if i is not None:
                 self._eod = i
                 break
         else:
-            raise ValueError(f"{tokenizer_file}: no end-of-document token (looked for {', '.join(EOD_CANDIDATES)})")
+            raise TokenizerFileError(f"{tokenizer_file}: no end-of-document token (looked for {', '.join(EOD_CANDIDATES)})")
 
     @property
     def vocab_size(self):

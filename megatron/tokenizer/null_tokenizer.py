@@ -1,5 +1,7 @@
 """The null tokenizer: text is already whitespace-separated integer ids."""
 
+from .build import TokenizerConfigError
+
 
 class NullTokenizer:
     """Ids written as text (``"12 7 401"``), for tests and benchmarks.
@@ -12,7 +14,7 @@ class NullTokenizer:
     def __init__(self, vocab_size):
         vocab_size = int(vocab_size)
         if vocab_size < 1:
-            raise ValueError(f"NullTokenizer: vocab_size must be positive, got {vocab_size}")
+            raise TokenizerConfigError(f"NullTokenizer: vocab_size must be positive, got {vocab_size}")
         self._n = vocab_size
 
     @property

@@ -2,6 +2,8 @@
 
 import os
 
+from .build import TokenizerFileError
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -14,12 +16,15 @@ class SentencePieceTokenizer:
 
         if not model_file or not os.path.isfile(model_file):
             raise FileNotFoundError(f"SentencePieceTokenizer: model file not found: {model_file!r}")
-        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except RuntimeError as e:  # the C++ side's parse failure
+            raise TokenizerFileError(f"{model_file}: not a SentencePiece model ({e})") from None
         eod = self._sp.piece_to_id(EOD_TOKEN)
         if eod == self._sp.unk_id() or eod < 0:
             eod = self._sp.eos_id()
         if eod < 0:
-            raise ValueError(f"{model_file}: has neither a {EOD_TOKEN} piece nor an end-of-sentence id")
+            raise TokenizerFileError(f"{model_file}: has neither a {EOD_TOKEN} piece nor an end-of-sentence id")
         self._eod = eod
 
     @property
