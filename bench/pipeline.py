@@ -5,7 +5,7 @@ chunks whose forward takes a fixed time t_f / v and whose backward 2 t_f / v
 per micro batch (sleep-timed by default, so the figure measures the schedule
 and its communication, not CPU contention between the processes). For each
 (p, m, v) it runs whole global batches through
-``megatron.pipeline_schedules`` and reports, per stage, the idle fraction
+``megatron.schedules`` and reports, per stage, the idle fraction
 ``1 - busy / wall`` averaged over stages, beside the theory:
 
     idle / total = (p - 1) / (v m + p - 1)    (v = 1: (p - 1) / (m + p - 1))
@@ -95,7 +95,7 @@ def _forward_step(data_iterator, model):
 
 
 def _measure(p, m, v, tf, iters, kind):
-    from megatron import pipeline_schedules as sched
+    from megatron import schedules as sched
     from megatron.mpu import parallel_state as ps
     ps.set_virtual_pipeline_model_parallel_world_size(v if v > 1 else None)
     ps.set_virtual_pipeline_model_parallel_rank(0 if v > 1 else None)
@@ -108,8 +108,8 @@ def _measure(p, m, v, tf, iters, kind):
         dist.barrier()
         work.busy = 0.0
         start = time.perf_counter()
-        fn(_forward_step, None, chunks if v > 1 else chunks[0], m, SHAPE[0], SHAPE[1],
-           tensor_shape=SHAPE, dtype=torch.float32)
+        fn(_forward_step, None, chunks if v > 1 else chunks[0], m, tensor_shape=SHAPE,
+           dtype=torch.float32)
         # The pipeline is flushed when its slowest stage is done: a stage that
         # finishes early idles until then (as before an optimizer step).
         dist.barrier()

@@ -22,8 +22,6 @@ class StepSchedule:
     """The schedule of one global batch on this rank and its fixed arguments."""
     forward_backward: Callable
     num_microbatches: int
-    seq_length: int
-    micro_batch_size: int
     tensor_shape: tuple  # what pipeline stages send each other: [s(/tp), b, h]
     dtype: torch.dtype
 
@@ -37,15 +35,15 @@ class StepSchedule:
             cfg.model.seq_length, t.micro_batch_size, cfg.model.hidden_size,
             cfg.parallel.sequence_parallel and mpu.get_tensor_model_parallel_world_size() > 1)
         return cls(get_forward_backward_func(), t.global_batch_size // (t.micro_batch_size * dp),
-                   cfg.model.seq_length, t.micro_batch_size, shape, DTYPES[t.precision])
+                   shape, DTYPES[t.precision])
 
     def run(self, forward_step_func, data_iterator, model_chunks, forward_only=False,
             grad_scale_func=None):
         """Forward (and backward) every micro batch; the last stage's loss dicts."""
         return self.forward_backward(
             forward_step_func, data_iterator, model_chunks, self.num_microbatches,
-            self.seq_length, self.micro_batch_size, forward_only=forward_only,
-            grad_scale_func=grad_scale_func, tensor_shape=self.tensor_shape, dtype=self.dtype)
+            tensor_shape=self.tensor_shape, dtype=self.dtype, forward_only=forward_only,
+            grad_scale_func=grad_scale_func)
 
 
 @dataclass

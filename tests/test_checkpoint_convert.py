@@ -41,6 +41,7 @@ def _fixed_batch_loss(prefix, root, tp, pp):
     from megatron.config import finalize, load_config
     from megatron.model import GPTModel
     from megatron.schedules import get_forward_backward_func
+    from megatron.train_step import StepSchedule
     cfg = load_config(None, reshard_overrides(prefix, tp, pp))
     finalize(cfg, torch.distributed.get_world_size())
     if mpu.model_parallel_is_initialized():
@@ -56,9 +57,10 @@ def _fixed_batch_loss(prefix, root, tp, pp):
               "loss_mask": torch.ones(2, RESHARD_SEQ),
               "position_ids": torch.arange(RESHARD_SEQ).expand(2, RESHARD_SEQ)}
              for i in range(0, 8, 2)]
+    step = StepSchedule.from_config(cfg)  # micro batches of 2, as the config says
     dicts = get_forward_backward_func()(
         functools.partial(pretrain_gpt.forward_step, device=torch.device("cpu")), iter(micro),
-        [model], len(micro), RESHARD_SEQ, 2, forward_only=True)
+        [model], len(micro), tensor_shape=step.tensor_shape, dtype=step.dtype, forward_only=True)
     mpu.destroy_model_parallel()
     if not dicts:
         return None

@@ -78,6 +78,7 @@ def _train(cfg):
     from megatron.mpu.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.optimizer import get_megatron_optimizer
     from megatron.schedules import get_forward_backward_func
+    from megatron.train_step import StepSchedule
 
     vp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []
@@ -95,6 +96,7 @@ def _train(cfg):
         mpu.set_virtual_pipeline_model_parallel_rank(0)
     optimizer = get_megatron_optimizer(cfg, chunks)
     forward_backward = get_forward_backward_func()
+    step = StepSchedule.from_config(cfg)  # the shape and dtype that stages exchange
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     num_micro = GLOBAL_BATCH // (MICRO_BATCH * dp_size)
 
@@ -104,7 +106,8 @@ def _train(cfg):
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         data = iter(_micro_batches(it, dp_rank, dp_size))
-        dicts = forward_backward(_forward_step, data, chunks, num_micro, SEQ, MICRO_BATCH,
+        dicts = forward_backward(_forward_step, data, chunks, num_micro,
+                                 tensor_shape=step.tensor_shape, dtype=step.dtype,
                                  forward_only=False, grad_scale_func=optimizer.scale_loss)
         finalize_model_grads(chunks)
         ok, grad_norm, _ = optimizer.step()

@@ -13,7 +13,7 @@ reach the theoretical time, m (f + b) + (p - 1)(f + b) / v.
 import pytest
 import torch
 
-from megatron import pipeline_schedules as sched
+from megatron import schedules as sched
 from megatron.mpu import parallel_state as ps
 from tests.dist_harness import run_distributed
 
@@ -120,9 +120,8 @@ def _run(p, m, v, forward_only=False, draw_always=False):
           else sched.forward_backward_pipelining_without_interleaving)
     sent = []
     losses = fn(_make_forward_step(draw_always, sent), _data(m), chunks if interleaved else chunks[0],
-                m, S, B, forward_only=forward_only,
-                grad_scale_func=lambda loss: loss * GRAD_SCALE,
-                tensor_shape=(S, B, H), dtype=torch.float64, trace=trace)
+                m, tensor_shape=(S, B, H), dtype=torch.float64, forward_only=forward_only,
+                grad_scale_func=lambda loss: loss * GRAD_SCALE, trace=trace)
     ps.set_virtual_pipeline_model_parallel_world_size(None)
     ps.set_virtual_pipeline_model_parallel_rank(None)
 
@@ -185,7 +184,7 @@ def _schedules_worker():
     ps.set_virtual_pipeline_model_parallel_world_size(2)
     try:
         sched.forward_backward_pipelining_with_interleaving(
-            _make_forward_step(False), _data(3), [_Stage(0), _Stage(2)], 3, S, B,
+            _make_forward_step(False), _data(3), [_Stage(0), _Stage(2)], 3,
             tensor_shape=(S, B, H), dtype=torch.float64)
         raise AssertionError("m = 3 with p = 2 must be refused")
     except ValueError as e:
@@ -250,11 +249,11 @@ def test_single_process_errors():
     """Wrong inputs are refused with the values involved, before any communication."""
     with pytest.raises(ValueError, match="one model chunk per rank, got 2"):
         sched.forward_backward_pipelining_without_interleaving(
-            None, None, [_Stage(0), _Stage(1)], 2, S, B, tensor_shape=(S, B, H))
+            None, None, [_Stage(0), _Stage(1)], 2, tensor_shape=(S, B, H), dtype=torch.float64)
     with pytest.raises(ValueError, match="tensor_shape"):
         sched.forward_backward_pipelining_without_interleaving(
-            None, None, [_Stage(0)], 2, S, B)
+            None, None, [_Stage(0)], 2, tensor_shape=None, dtype=torch.float64)
     with pytest.raises(ValueError, match="2 model chunks but virtual_pipeline_model_parallel_size"
                                          " is None"):
         sched.forward_backward_pipelining_with_interleaving(
-            None, None, [_Stage(0), _Stage(1)], 2, S, B, tensor_shape=(S, B, H))
+            None, None, [_Stage(0), _Stage(1)], 2, tensor_shape=(S, B, H), dtype=torch.float64)
