@@ -131,7 +131,7 @@ def test_stalled_client_does_not_block_others(server):
     stalled.close()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def small_queue(server):
     """A second server on the same model: 8 queued requests, a 1 MB body limit."""
     from megatron.inference.server import ServerLimits, make_server
