@@ -87,6 +87,8 @@ def _single_process_cases(workdir):
 
     case("truncated", lambda r: truncate(os.path.join(_iter(r, 4), MODEL)))
     case("flipped", lambda r: flip_tensor_byte(os.path.join(_iter(r, 4), MODEL)))
+    case("flipped_unverified", lambda r: flip_tensor_byte(os.path.join(_iter(r, 4), MODEL)),
+         **{"checkpoint.verify": False})
     case("garbage_latest", lambda r: open(os.path.join(r, "latest_checkpointed_iteration.txt"),
                                           "w").write("\x00garbage"))
     case("none_left", lambda r: (truncate(os.path.join(_iter(r, 2), MODEL)),
@@ -153,6 +155,13 @@ def test_flipped_byte_fails_checksum_and_falls_back(single):
     _assert_resumed_from(r["flipped"], r["straight"], 2)
     (warning,) = r["flipped"]["warnings"]
     assert "fails its checksum" in warning and "iteration 2" in warning
+
+
+def test_verify_false_skips_the_checksums(single):
+    _, r = single
+    result = r["flipped_unverified"]
+    assert result["error"] is None and sorted(result["losses"]) == [5, 6]  # took iteration 4
+    assert result["warnings"] == []
 
 
 def test_garbage_latest_file_falls_back_to_newest_on_disk(single):

@@ -1,9 +1,9 @@
 """The checksum of checkpoint files: xxHash's XXH3 (64 bit) of every byte, and its size.
 
-Why XXH3: measured on this project's 2-core CPU machine over 256 MB in 16 MB chunks
-(bench/RESULTS.md, "Checkpoint integrity"), XXH3 ran at 3.5-7 GB/s, crc32c (the
-`crc32c` package) at 3.4-4.4 GB/s, zlib's crc32 at 0.6-1.2 GB/s and sha256 at
-0.6-0.7 GB/s; `xxhash` is a small BSD-licensed wheel on every platform. The
+Why XXH3: measured on this project's 2-core CPU machine in 16 MB chunks
+(bench/RESULTS.md, "Checkpoint integrity"), XXH3 ran at 2.8-8 GB/s, crc32c (the
+`crc32c` package) at 3.4-10.6 GB/s, zlib's crc32 at 0.6-2.9 GB/s and sha256 at
+0.4-1.1 GB/s; `xxhash` is a small BSD-licensed wheel on every platform. The
 checksum is computed while a file is written (``HashingFile``), so a save reads
 nothing back, and again while it is read (``file_checksum``) to verify it.
 """

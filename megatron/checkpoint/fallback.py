@@ -73,8 +73,9 @@ def read_newest_good(root, read):
                 print_rank_0(f"warning: refused the checkpoint of iteration {it} ({reason}); "
                              f"resuming from the older iteration {iteration} ({it_dir}) instead")
             return iteration, it_dir, result
-        others = f" (and {len(verdicts) - 1} more on other ranks)" if len(verdicts) > 1 else ""
-        refused.append((iteration, verdicts[0][1] + others))
+        reasons = list(dict.fromkeys(msg for _, msg in verdicts))  # DP ranks share files
+        others = f" (and {len(reasons) - 1} more on other ranks)" if len(reasons) > 1 else ""
+        refused.append((iteration, reasons[0] + others))
     if refused:
         shown = "; ".join(f"iteration {it}: {reason}" for it, reason in refused[:3])
         more = f"; and {len(refused) - 3} older ones" if len(refused) > 3 else ""

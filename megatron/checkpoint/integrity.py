@@ -64,9 +64,19 @@ class Manifest:
         return entry["size"]
 
 
-def read_manifest(it_dir):
+def read_manifest(it_dir, verify=True):
     """The Manifest of the iteration folder `it_dir`; None when it has none (saved before
-    manifests existed); CheckpointError when it cannot be read."""
+    manifests existed); CheckpointError when it cannot be read, or None then too when
+    not `verify` (checkpoint.verify=false skips the checks)."""
+    try:
+        return _read_manifest(it_dir)
+    except CheckpointError:
+        if verify:
+            raise
+        return None
+
+
+def _read_manifest(it_dir):
     path = os.path.join(it_dir, MANIFEST)
     if not os.path.isfile(path):
         return None

@@ -75,7 +75,7 @@ class CheckpointShards:
                 raise CheckpointError(f"no checkpoint under {root} ({LATEST} is absent)")
         self.root, self.iteration, self.verify = root, iteration, verify
         it_dir = self.it_dir = iteration_dir(root, iteration)
-        self.manifest = read_manifest(it_dir)
+        self.manifest = read_manifest(it_dir, verify)
         first = os.path.join(it_dir, rank_dir_name(0, 0, 1), MODEL_FILE)
         if not os.path.isfile(first):
             first = os.path.join(it_dir, rank_dir_name(0, 0, 2), MODEL_FILE)

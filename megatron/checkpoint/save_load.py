@@ -219,8 +219,9 @@ def _read_rank_files(it_dir, cfg, optimizer, load_optimizer):
     rank_dir = os.path.join(it_dir, name)
     rel = f"{name}/{MODEL_FILE}"
     path = os.path.join(rank_dir, MODEL_FILE)
-    manifest = read_manifest(it_dir)
-    if manifest is None:
+    verify = cfg.checkpoint.verify
+    manifest = read_manifest(it_dir, verify)
+    if manifest is None and verify:
         print_rank_0(f"warning: checkpoint {it_dir} has no {MANIFEST} (saved before checksums): "
                      f"loading it unverified")
     layout = (f"this rank's layout is TP={mpu.get_tensor_model_parallel_world_size()}, "
@@ -233,7 +234,6 @@ def _read_rank_files(it_dir, cfg, optimizer, load_optimizer):
         present = sorted(os.listdir(it_dir)) if os.path.isdir(it_dir) else []
         raise CheckpointError(f"checkpoint file {path} is missing ({layout}; the checkpoint "
                               f"holds {present or 'nothing'})")
-    verify = cfg.checkpoint.verify
     saved = load_verified(it_dir, rel, manifest, verify)
     shards = {}
     if optimizer is not None and load_optimizer:
