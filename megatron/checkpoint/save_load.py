@@ -93,7 +93,7 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
             manifest = Manifest(tmp_dir, written)
             for rel in written:
                 manifest.verify(rel)
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:  # OSError: an I/O error reading it back
             readback = str(e)
     # Every rank's entries reach rank 0, which writes the manifest before the rename.
     gathered = all_gather_object((written, readback))
