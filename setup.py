@@ -18,6 +18,8 @@ setup(
         "tiktoken",
         "tokenizers",
         "tqdm",
+        # checkpoint checksums (megatron/checkpoint/checksum.py): XXH3, several GB/s
+        "xxhash>=3.0",
     ],
     extras_require={
         # Hugging Face GPT-2 export/import (tools/convert_hf.py).

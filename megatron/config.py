@@ -142,7 +142,13 @@ class CheckpointConfig:
     save: Optional[str] = _f(None, "Directory to save checkpoints to; None disables saving.")
     load: Optional[str] = _f(None, "Directory to resume from (its latest checkpoint) if it has one.")
     save_interval: Optional[int] = _f(None, "Save every this many iterations (and at the end).")
-    keep_last_n: Optional[int] = _f(None, "Keep only the newest n checkpoints; None keeps all.")
+    keep_last_n: Optional[int] = _f(None, "Keep only the newest n checkpoints; None keeps all. "
+                                    "Each save is read back and checked first; one that does not "
+                                    "verify removes nothing.")
+    verify: bool = _f(True, "Check every checkpoint file against its iteration's manifest.json "
+                            "(size and xxh3_64 checksum) before loading it; false skips the "
+                            "checksums (huge files). A file that is missing or does not unpickle "
+                            "still makes the run fall back to an older checkpoint.")
 
 
 @dataclass

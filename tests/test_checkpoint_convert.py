@@ -144,10 +144,14 @@ def _generations(im):
 def test_tp2pp2_to_tp1_and_tp4(tmp_path):
     results = run_distributed(_convert_runs, 4, str(tmp_path), timeout=600)
     files = results[0]["files"]
-    assert files["orig"] == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
-    assert files["tp1"] == ["mp_rank_00"]
-    assert files["tp4"] == [f"mp_rank_{i:02d}" for i in range(4)]
-    assert files["vp"] == ["mp_rank_00_000", "mp_rank_00_001"] and files["from_vp"] == ["mp_rank_00"]
+    # every iteration folder, saved by training or by the converter, carries its manifest
+    m = ["manifest.json"]
+    assert files["orig"] == m + ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
+                                 "mp_rank_01_001"]
+    assert files["tp1"] == m + ["mp_rank_00"]
+    assert files["tp4"] == m + [f"mp_rank_{i:02d}" for i in range(4)]
+    assert files["vp"] == m + ["mp_rank_00_000", "mp_rank_00_001"]
+    assert files["from_vp"] == m + ["mp_rank_00"]
     assert files["vp_chunks"] == ["model0", "model1"]
     assert files["noopt_has_optimizer"] is False
     assert files["noopt_parallel"]["tensor_model_parallel_size"] == 1

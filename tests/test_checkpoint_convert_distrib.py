@@ -41,7 +41,8 @@ def _scenario(workdir, prefix, precision, tp, pp):
     info = None
     if rank == 0:
         convert_checkpoint(orig, conv, tp, pp, include_optimizer=True, log=lambda *_: None)
-        rank_dirs = sorted(os.listdir(os.path.join(conv, "iter_0000004")))
+        rank_dirs = sorted(d for d in os.listdir(os.path.join(conv, "iter_0000004"))
+                           if d.startswith("mp_rank_"))
         f = torch.load(os.path.join(conv, "iter_0000004", rank_dirs[-1], "model_optim_rng.pt"),
                        weights_only=True)
         opt = f["optimizer"]

@@ -53,10 +53,10 @@ _CRASH_SCRIPT = textwrap.dedent("""
     sched = build_scheduler(cfg, opt)
     checkpoint.save_checkpoint(cfg, 1, 8, chunks, opt, sched)
     real_save = torch.save
-    def dying_save(obj, path):
-        real_save(obj, path)
-        with open(path, "r+b") as f:  # half a file, then the process dies
-            f.truncate(os.path.getsize(path) // 2)
+    def dying_save(obj, f):  # f: the open temporary file (checksummed as it is written)
+        real_save(obj, f)
+        f.flush()
+        os.ftruncate(f.fileno(), os.fstat(f.fileno()).st_size // 2)  # half a file, then death
         os._exit(9)
     checkpoint.files.torch.save = dying_save
     checkpoint.save_checkpoint(cfg, 2, 16, chunks, opt, sched)
@@ -138,9 +138,8 @@ def test_atomic_write_and_load_file(tmp_path):
     assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["n"] == 2
     assert sorted(os.listdir(tmp_path)) == ["latest.txt", "state.pt"]  # no temporary left
 
-    def broken_save(obj, path):  # the write fails half-way
-        with open(path, "wb") as f:
-            f.write(b"torn")
+    def broken_save(obj, f):  # the write fails half-way
+        f.write(b"torn")
         raise OSError(28, "No space left on device")
     real_save, checkpoint.files.torch.save = torch.save, broken_save
     try:
@@ -149,6 +148,7 @@ def test_atomic_write_and_load_file(tmp_path):
     finally:
         checkpoint.files.torch.save = real_save
     assert torch.equal(load_file(obj)["w"], torch.arange(4.0))  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == ["latest.txt", "state.pt"]  # the torn one removed
 
     for path, message in ((str(tmp_path / "absent.pt"), "is missing"),
                           (text, "cannot read checkpoint")):

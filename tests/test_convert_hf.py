@@ -25,7 +25,8 @@ def test_export_tp2_checkpoint_matches_transformers(tmp_path):
     from megatron.inference.loader import load_inference_model
     ckpt = str(tmp_path / "ckpt_tp2")
     ref = make_bpe_checkpoint(ckpt, tp=2)  # the trained model, stored as two TP shards
-    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000012"))) == ["mp_rank_00", "mp_rank_01"]
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000012"))) == ["manifest.json", "mp_rank_00",
+                                                                      "mp_rank_01"]
     hf_dir = str(tmp_path / "hf")
     export_to_hf(ckpt, hf_dir, log=lambda *_: None)
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(hf_dir))

@@ -111,6 +111,11 @@ def _dp2_source_runs(workdir):
         for name in os.listdir(rank_dir):
             if name.startswith("distrib_optim"):
                 os.remove(os.path.join(rank_dir, name))
+        # ...and its manifest lists the files that are left, as the converter's does.
+        from megatron.checkpoint.integrity import read_manifest, write_manifest
+        manifest = read_manifest(os.path.dirname(rank_dir))
+        write_manifest(manifest.it_dir, N, {k: v for k, v in manifest.files.items()
+                                            if "distrib_optim" not in k})
     torch.distributed.barrier()
     wrong_kind = None
     try:

@@ -94,7 +94,7 @@ def test_tensor_parallel_checkpoints_resume_exactly(runs):
     _, results = runs
     for r in results:
         res = r["resume"]
-        assert res["rank_dirs"] == ["mp_rank_00", "mp_rank_01"]
+        assert res["rank_dirs"] == ["manifest.json", "mp_rank_00", "mp_rank_01"]
         assert "exit_interval" in res["first"]["exit_reason"]
         assert sorted(res["first"]["train_losses"]) == list(range(1, N + 1))
         assert sorted(res["second"]["train_losses"]) == list(range(N + 1, 2 * N + 1))

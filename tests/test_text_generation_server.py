@@ -1,9 +1,11 @@
 """The text generation server over loopback: answers, bad requests (400/404/405/411/413),
-a stalled client, concurrent requests."""
+a stalled client, concurrent requests; a burst of 200 (200 or 503, none reset), deeply
+nested JSON (400) and a client that sends its headers slowly."""
 import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -127,3 +129,94 @@ def test_stalled_client_does_not_block_others(server):
     stalled.settimeout(10)
     assert stalled.recv(4096) == b""  # the server dropped the stalled request after its timeout
     stalled.close()
+
+
+@pytest.fixture(scope="module")
+def small_queue(server):
+    """A second server on the same model: 8 queued requests, a 1 MB body limit."""
+    from megatron.inference.server import ServerLimits, make_server
+    _, im = server
+    limits = ServerLimits(max_prompts=3, max_prompt_tokens=20, max_tokens_to_generate=16,
+                          max_body_bytes=1 << 20, socket_timeout_s=5.0, max_queued=8)
+    srv = make_server(im, "127.0.0.1", 0, limits)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def test_burst_of_200_each_answered_200_or_503_none_reset(small_queue):
+    srv = small_queue
+    assert srv.request_queue_size >= 128  # the listen backlog
+    host, port = srv.server_address[:2]
+    n, queued = 200, srv.service.limits.max_queued
+    start = threading.Barrier(n)
+    answers = [None] * n
+
+    def call(i):
+        try:
+            start.wait()
+            conn = http.client.HTTPConnection(host, port, timeout=60)
+            conn.request("PUT", "/api", body=json.dumps(
+                {"prompts": [PROMPT], "tokens_to_generate": 2, "top_k": 1}).encode())
+            resp = conn.getresponse()
+            answers[i] = (resp.status, resp.getheader("Retry-After"), json.loads(resp.read()))
+            conn.close()
+        except Exception as e:  # a reset or refused connection: the failure this test is about
+            answers[i] = ("error", repr(e), None)
+    # Hold the model while the burst arrives: `queued` requests take the queue's
+    # places and wait, every other one must be answered 503 at once.
+    with srv.service.lock:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while sum(a is not None for a in answers) < n - queued and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=60)
+    errors = [a for a in answers if a is None or a[0] == "error"]
+    assert not errors, errors[:3]
+    busy = [a for a in answers if a[0] == 503]
+    assert len(busy) == n - queued and all(a[1] == "1" and "busy" in a[2]["error"] for a in busy)
+    done = [a for a in answers if a[0] == 200]
+    assert len(done) == queued and len({json.dumps(a[2]) for a in done}) == 1
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b"[" * 50_000 + b"]" * 50_000,
+                                 b'{"a": ' * 30_000 + b"1" + b"}" * 30_000])
+def test_deeply_nested_json_gets_400_not_500(small_queue, raw):
+    status, out = _request(small_queue, None, raw=raw)
+    assert status == 400 and "not valid JSON" in out["error"], out
+
+
+def test_slow_header_client_does_not_hold_up_others(small_queue):
+    srv = small_queue
+    host, port = srv.server_address[:2]
+    header = b"PUT /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stop, sent = threading.Event(), []
+    slow = socket.create_connection((host, port), timeout=10)
+
+    def trickle():  # one header byte every 0.5 s (the server's timeout is per read: 5 s)
+        for byte in header:
+            if stop.wait(0.5):
+                return
+            slow.sendall(bytes([byte]))
+            sent.append(byte)
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    time.sleep(1.2)  # the slow client is mid-header
+    took = []
+    for _ in range(4):
+        t0 = time.monotonic()
+        status, _ = _request(srv, {"prompts": [PROMPT], "tokens_to_generate": 2, "top_k": 1})
+        took.append(time.monotonic() - t0)
+        assert status == 200
+    still_trickling = not stop.is_set() and len(sent) < len(header)
+    stop.set()
+    trickler.join(timeout=5)
+    slow.close()
+    assert still_trickling and len(sent) >= 2
+    assert max(took) < 3.0, took  # each answered while the slow client was still sending

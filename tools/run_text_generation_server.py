@@ -6,7 +6,8 @@ Example:
         -d '{"prompts": ["In the beginning"], "tokens_to_generate": 16, "top_k": 1}'
 
 One process on a checkpoint of any TP / PP layout (merged in memory); bound to
-127.0.0.1 unless --host says otherwise.
+127.0.0.1 unless --host says otherwise. Requests run one at a time; up to
+--max-queued (64) run or wait, and one more answers 503 with Retry-After: 1.
 """
 import argparse
 import os
@@ -27,6 +28,12 @@ def main(argv=None):
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="tokens per prompt")
     p.add_argument("--max-tokens-to-generate", type=int, default=512)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="requests running or waiting for the model; a request beyond this "
+                        "answers 503 with a Retry-After header (default 64)")
+    p.add_argument("--backlog", type=int, default=1024,
+                   help="listen backlog: connections held until accepted (default 1024; "
+                        "the kernel caps it at net.core.somaxconn)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -36,8 +43,12 @@ def main(argv=None):
     from megatron.inference.server import ServerLimits, make_server
     from megatron.initialize import select_device
     im = load_inference_model(args.load, device=select_device(args.device))
+    for flag, value in (("--max-queued", args.max_queued), ("--backlog", args.backlog)):
+        if value < 1:
+            raise UserError(f"{flag}={value} must be at least 1")
     limits = ServerLimits(args.max_prompts, args.max_prompt_tokens,
-                          args.max_tokens_to_generate, args.max_body_bytes)
+                          args.max_tokens_to_generate, args.max_body_bytes,
+                          max_queued=args.max_queued, backlog=args.backlog)
     server = make_server(im, args.host, args.port, limits)
     host, port = server.server_address[:2]
     print(f"serving {args.load} (iteration {im.iteration}) on http://{host}:{port}/api", flush=True)

@@ -1,6 +1,9 @@
 """Everything about checkpoint files.
 
     files.py       names and paths, the one atomic writer, the one loader, CheckpointError
+    checksum.py    the files' checksum (xxh3_64), computed while writing and reading
+    integrity.py   each iteration's manifest.json (size and checksum per file), verification
+    fallback.py    resuming from the newest checkpoint every rank can read
     rank_state.py  the dict one rank file holds (one builder, the model/model{i} key rule),
                    RNG states
     save_load.py   training: per-rank save with atomic renames, exact resume
@@ -14,6 +17,7 @@ from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, atom
                                        existing_iteration_dir, iteration_dir, list_checkpoints,
                                        load_file, rank_dir_name, read_latest_iteration,
                                        shard_files)
+from megatron.checkpoint.integrity import MANIFEST, read_manifest, verify_iteration
 from megatron.checkpoint.hf_gpt2 import export_to_hf, import_from_hf
 from megatron.checkpoint.rank_state import (CHECKPOINT_VERSION, build_rank_state, get_rng_state,
                                             model_keys, set_rng_state)
@@ -27,4 +31,4 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_latest
            "load_file", "get_rng_state", "set_rng_state", "build_rank_state", "model_keys",
            "WORD_EMBEDDINGS_KEY", "CheckpointShards", "merge_model_state", "split_tensor",
            "convert_checkpoint", "build_rank_files", "write_checkpoint", "export_to_hf",
-           "import_from_hf"]
+           "import_from_hf", "MANIFEST", "read_manifest", "verify_iteration"]

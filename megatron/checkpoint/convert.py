@@ -13,6 +13,7 @@ import torch
 
 from megatron.checkpoint.files import (MODEL_FILE, CheckpointError, atomic_write, iteration_dir,
                                        rank_dir_name, replace_dir, write_latest_iteration)
+from megatron.checkpoint.integrity import write_manifest
 from megatron.checkpoint.rank_state import build_rank_state, fresh_rng_state, parallel_sizes
 from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards,
                                          merge_model_state, merge_optimizer_state,
@@ -54,16 +55,18 @@ def _rng_for(source_states, seed, tp_rank, pp_rank):
 
 
 def write_checkpoint(save_dir, iteration, rank_files, pp):
-    """Write ``rank_files[(tp, pp)]`` under ``save_dir/iter_N`` (temporary dir, then
-    rename) and point the latest file at it."""
+    """Write ``rank_files[(tp, pp)]`` under ``save_dir/iter_N`` with its manifest
+    (temporary dir, then rename) and point the latest file at it."""
     os.makedirs(save_dir, exist_ok=True)
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    entries = {}
     for (tp_rank, pp_rank), obj in rank_files.items():
-        d = os.path.join(tmp, rank_dir_name(tp_rank, pp_rank, pp))
-        os.makedirs(d, exist_ok=True)
-        atomic_write(os.path.join(d, MODEL_FILE), obj)
+        name = rank_dir_name(tp_rank, pp_rank, pp)
+        os.makedirs(os.path.join(tmp, name), exist_ok=True)
+        entries[f"{name}/{MODEL_FILE}"] = atomic_write(os.path.join(tmp, name, MODEL_FILE), obj)
+    write_manifest(tmp, iteration, entries)
     replace_dir(tmp, final)
     write_latest_iteration(save_dir, iteration)
     return final

@@ -10,6 +10,7 @@ import shutil
 
 import torch
 
+from megatron.checkpoint.checksum import HashingFile, bytes_entry
 from megatron.errors import UserError
 from megatron.logging import print_rank_0
 
@@ -53,15 +54,19 @@ def shard_file_name(dp_rank):
     return f"{_SHARD_PREFIX}{dp_rank:03d}.pt"
 
 
+def shard_rank(name):
+    """The DP rank of a distributed-optimizer file name, None for any other name."""
+    if name.startswith(_SHARD_PREFIX) and name.endswith(".pt"):
+        num = name[len(_SHARD_PREFIX):-len(".pt")]
+        if num.isdigit():
+            return int(num)
+    return None
+
+
 def shard_files(rank_dir):
     """The distributed optimizer's per-DP-rank files in `rank_dir`, by DP rank."""
-    files = {}
-    for name in os.listdir(rank_dir):
-        if name.startswith(_SHARD_PREFIX) and name.endswith(".pt"):
-            num = name[len(_SHARD_PREFIX):-len(".pt")]
-            if num.isdigit():
-                files[int(num)] = os.path.join(rank_dir, name)
-    return files
+    return {shard_rank(name): os.path.join(rank_dir, name)
+            for name in os.listdir(rank_dir) if shard_rank(name) is not None}
 
 
 def read_latest_iteration(root):
@@ -126,24 +131,33 @@ def replace_dir(tmp_dir, final_dir):
 
 # ---------------------------------------------------------------- write and read
 def atomic_write(path, obj):
-    """Write `obj` to `path`: a str as text, anything else with torch.save.
+    """Write `obj` to `path`: a str as text, anything else with torch.save; return the
+    file's manifest entry `{"size": bytes, "checksum": hex}` (checksum.py), computed
+    from the bytes as they are written.
 
     The data goes to a temporary name, is fsynced, then renamed over `path`, so a
     reader (or a crash) sees the old file or the whole new one, and a latest file
     written afterwards never names data that is not on disk yet.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
-    if isinstance(obj, str):
-        with open(tmp, "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(tmp, "wb") as f:
+            if isinstance(obj, str):
+                data = obj.encode()
+                f.write(data)
+                entry = bytes_entry(data)
+            else:
+                out = HashingFile(f)
+                torch.save(obj, out)
+                entry = out.entry()
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):  # a full disk: leave no torn temporary behind
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+    return entry
 
 
 def load_file(path):

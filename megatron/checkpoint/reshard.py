@@ -23,8 +23,8 @@ import re
 import torch
 
 from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, iteration_dir,
-                                       load_file, rank_dir_name, read_latest_iteration,
-                                       shard_files)
+                                       rank_dir_name, read_latest_iteration, shard_files)
+from megatron.checkpoint.integrity import load_verified, read_manifest
 from megatron.checkpoint.rank_state import model_states
 from megatron.optimizer import (HALF_DTYPES, clone_if_tensor, full_state_from_shards,
                                 is_no_weight_decay)
@@ -60,21 +60,26 @@ def layer_index(name):
 
 
 class CheckpointShards:
-    """Every rank file of one saved iteration: ``files[(tp, pp)]`` is the loaded dict."""
+    """Every rank file of one saved iteration: ``files[(tp, pp)]`` is the loaded dict.
 
-    def __init__(self, root, iteration=None):
+    Each file is verified against the iteration's manifest before it is unpickled
+    (``verify=False`` skips the checksums), so a corrupt file is refused in one line
+    naming it, never converted."""
+
+    def __init__(self, root, iteration=None, verify=True):
         if not os.path.isdir(root):
             raise CheckpointError(f"checkpoint directory {root} does not exist")
         if iteration is None:
             iteration = read_latest_iteration(root)
             if iteration is None:
                 raise CheckpointError(f"no checkpoint under {root} ({LATEST} is absent)")
-        self.root, self.iteration = root, iteration
-        it_dir = iteration_dir(root, iteration)
+        self.root, self.iteration, self.verify = root, iteration, verify
+        it_dir = self.it_dir = iteration_dir(root, iteration)
+        self.manifest = read_manifest(it_dir, verify)
         first = os.path.join(it_dir, rank_dir_name(0, 0, 1), MODEL_FILE)
         if not os.path.isfile(first):
             first = os.path.join(it_dir, rank_dir_name(0, 0, 2), MODEL_FILE)
-        head = load_file(first)
+        head = self.load(first)
         par = head.get("parallel") or {}
         self.tp = int(par.get("tensor_model_parallel_size", 1))
         self.pp = int(par.get("pipeline_model_parallel_size", 1))
@@ -84,8 +89,13 @@ class CheckpointShards:
         for pp_rank in range(self.pp):
             for tp_rank in range(self.tp):
                 path = os.path.join(it_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
-                self.files[(tp_rank, pp_rank)] = (head if path == first else load_file(path))
+                self.files[(tp_rank, pp_rank)] = (head if path == first else self.load(path))
         self.head = head
+
+    def load(self, path):
+        """Verify the file at ``path`` (inside this iteration's folder), then unpickle it."""
+        rel = os.path.relpath(path, self.it_dir).replace(os.sep, "/")
+        return load_verified(self.it_dir, rel, self.manifest, self.verify)
 
     def chunk_states(self, tp_rank, pp_rank):
         """The model state dicts of one rank file, one per virtual chunk."""
@@ -262,7 +272,7 @@ def plain_state_from_distributed(shards, tp_rank, pp_rank):
             offset += t.numel()
         numels.append(offset)
     try:
-        full = full_state_from_shards([load_file(files[r]) for r in sorted(files)], numels)
+        full = full_state_from_shards([shards.load(files[r]) for r in sorted(files)], numels)
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     decay, no_decay = optimizer_param_order(chunks)

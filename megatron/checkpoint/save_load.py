@@ -1,23 +1,28 @@
 """Training checkpoints: per-rank save and exact resume.
 
-Every rank writes into `iter_{N:07d}.tmp`; after a barrier global rank 0 renames
-it into place and then rewrites the latest file (temporary name, then rename),
-so a crash while saving leaves the previous checkpoint and its latest file
-untouched.
+Every rank writes into `iter_{N:07d}.tmp`, checksumming its files as they are
+written; the ranks' entries reach global rank 0, which writes the iteration's
+`manifest.json` (integrity.py), renames the folder into place and then rewrites
+the latest file (temporary name, then rename), so a crash while saving leaves the
+previous checkpoint and its latest file untouched. Loading verifies each rank's
+files and falls back, on every rank together, to the newest older checkpoint that
+reads (fallback.py).
 """
 import os
 import shutil
 
 from megatron.checkpoint import files
-from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError,
-                                       existing_iteration_dir, iteration_dir, load_file,
-                                       prune_checkpoints, rank_dir_name, read_latest_iteration,
-                                       remove_stale_tmp_dirs, replace_dir, shard_file_name,
-                                       shard_files, write_latest_iteration)
+from megatron.checkpoint.fallback import LayoutMismatch, read_newest_good
+from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, iteration_dir,
+                                       prune_checkpoints, rank_dir_name, remove_stale_tmp_dirs,
+                                       replace_dir, shard_file_name, shard_files, shard_rank,
+                                       write_latest_iteration)
 from megatron.checkpoint.rank_state import (build_rank_state, gather_rng_states_over_dp,
                                             model_states, parallel_sizes, set_rng_state)
+from megatron.checkpoint.integrity import (MANIFEST, Manifest, load_verified, read_manifest,
+                                           write_manifest)
 from megatron.logging import print_rank_0
-from megatron.mpu.collectives import fail_together
+from megatron.mpu.collectives import all_gather_object, fail_together
 from megatron.utils import unwrap_model
 
 
@@ -57,6 +62,7 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
     rng_states = gather_rng_states_over_dp()
     dp_rank = mpu.get_data_parallel_rank()
     sharded = bool(getattr(optimizer, "is_sharded", False))
+    written = {}  # this rank's files: relative path -> manifest entry
     with fail_together(what):
         if dp_rank == 0:
             os.makedirs(rank_dir, exist_ok=True)
@@ -71,18 +77,37 @@ def save_checkpoint(cfg, iteration, consumed_samples, model_chunks, optimizer, s
                 optimizer_state=(optimizer.state_dict()
                                  if optimizer is not None and not sharded else None),
                 extra=extra)
-            files.atomic_write(os.path.join(rank_dir, MODEL_FILE), state)
+            written[f"{_my_rank_dir_name()}/{MODEL_FILE}"] = files.atomic_write(
+                os.path.join(rank_dir, MODEL_FILE), state)
     if sharded:
         # After the block above: the directory exists once DP rank 0 has made it.
         with fail_together(what):
             os.makedirs(rank_dir, exist_ok=True)
-            files.atomic_write(os.path.join(rank_dir, shard_file_name(dp_rank)),
-                               optimizer.state_dict())
+            written[f"{_my_rank_dir_name()}/{shard_file_name(dp_rank)}"] = files.atomic_write(
+                os.path.join(rank_dir, shard_file_name(dp_rank)), optimizer.state_dict())
+    # Pruning must never remove the newest checkpoint that verifies: with keep_last_n
+    # each rank reads back what it wrote, and a save that does not verify prunes nothing.
+    readback = None
+    if cfg.checkpoint.keep_last_n:
+        try:
+            manifest = Manifest(tmp_dir, written)
+            for rel in written:
+                manifest.verify(rel)
+        except (CheckpointError, OSError) as e:  # OSError: an I/O error reading it back
+            readback = str(e)
+    # Every rank's entries reach rank 0, which writes the manifest before the rename.
+    gathered = all_gather_object((written, readback))
     with fail_together(what):
         if rank == 0:
+            write_manifest(tmp_dir, iteration, {k: v for w, _ in gathered for k, v in w.items()})
             replace_dir(tmp_dir, final_dir)
             write_latest_iteration(root, iteration)
-            if cfg.checkpoint.keep_last_n:
+            bad = [r for _, r in gathered if r]
+            if bad:
+                print_rank_0(f"warning: the checkpoint of iteration {iteration} does not verify "
+                             f"after saving ({bad[0]}): keeping every older checkpoint "
+                             f"(checkpoint.keep_last_n={cfg.checkpoint.keep_last_n} not applied)")
+            elif cfg.checkpoint.keep_last_n:
                 prune_checkpoints(root, cfg.checkpoint.keep_last_n, keep=iteration)
     print_rank_0(f"saved checkpoint at iteration {iteration} to {final_dir}")
 
@@ -126,8 +151,12 @@ def _load_model_state(path, chunk, state):
     model.load_state_dict(state)
 
 
-def _load_optimizer_state(path, rank_dir, saved, optimizer):
+def _load_optimizer_state(path, rank_dir, saved, optimizer, shards):
     """Load the checkpoint's optimizer state into `optimizer`; False when it holds none.
+
+    `shards`: the distributed-optimizer files of the rank folder, {DP rank: the loaded
+    state}, loaded by `_read_rank_files` for the DP ranks this rank needs (None for
+    the others).
 
     A distributed optimizer takes its own shard at the same DP size, or the
     list of every old DP rank's shard to re-shard at another DP size. State of
@@ -136,14 +165,9 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
     from megatron import mpu
     from megatron.optimizer.state_conversion import distributed_to_plain, plain_to_distributed
     sharded = bool(getattr(optimizer, "is_sharded", False))
-    shards = shard_files(rank_dir)
     saved_dp = saved.get("parallel", {}).get("data_parallel_size")
     if not shards and "optimizer" not in saved:
         return False
-    if shards and sorted(shards) != list(range(saved_dp or 0)):
-        raise CheckpointError(f"checkpoint {rank_dir} is incomplete: it was saved at data-parallel "
-                              f"size {saved_dp} but holds distributed-optimizer shards of DP ranks "
-                              f"{sorted(shards)}")
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     where = rank_dir if shards else path
     if sharded != bool(shards):
@@ -158,7 +182,7 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
                      f"into {target}")
         try:
             if shards:
-                distributed_to_plain(optimizer, [load_file(shards[r]) for r in range(saved_dp)])
+                distributed_to_plain(optimizer, [shards[r] for r in range(saved_dp)])
             else:
                 plain_to_distributed(optimizer, saved["optimizer"])
         except ValueError as e:  # what still cannot be converted, with the values involved
@@ -173,14 +197,65 @@ def _load_optimizer_state(path, rank_dir, saved, optimizer):
         if not sharded:
             optimizer.load_state_dict(saved["optimizer"])
         elif saved_dp == dp:  # exact resume: this rank's own shard
-            optimizer.load_state_dict(load_file(shards[dp_rank]))
+            optimizer.load_state_dict(shards[dp_rank])
         else:
             print_rank_0(f"re-sharding the distributed optimizer state of {rank_dir} from "
                          f"data-parallel size {saved_dp} to {dp}")
-            optimizer.load_state_dict([load_file(shards[r]) for r in range(saved_dp)])
+            optimizer.load_state_dict([shards[r] for r in range(saved_dp)])
     except ValueError as e:  # the optimizer's one-line mismatch messages (e.g. fp32 masters)
         raise CheckpointError(f"checkpoint {where}: {e}") from None
     return True
+
+
+def _read_rank_files(it_dir, cfg, optimizer, load_optimizer):
+    """This rank's files of the checkpoint folder `it_dir`, verified against its manifest
+    (unless checkpoint.verify is false) and unpickled: `(path, rank_dir, saved, shards)`.
+
+    Raises CheckpointError for a missing, truncated, corrupt or unreadable file (the
+    ranks then fall back to an older checkpoint together) and LayoutMismatch when the
+    checkpoint holds no file for this rank's place in the layout."""
+    from megatron import mpu
+    name = _my_rank_dir_name()
+    rank_dir = os.path.join(it_dir, name)
+    rel = f"{name}/{MODEL_FILE}"
+    path = os.path.join(rank_dir, MODEL_FILE)
+    verify = cfg.checkpoint.verify
+    manifest = read_manifest(it_dir, verify)
+    if manifest is None and verify:
+        print_rank_0(f"warning: checkpoint {it_dir} has no {MANIFEST} (saved before checksums): "
+                     f"loading it unverified")
+    layout = (f"this rank's layout is TP={mpu.get_tensor_model_parallel_world_size()}, "
+              f"PP={mpu.get_pipeline_model_parallel_world_size()}")
+    if manifest is not None and rel not in manifest:
+        held = sorted({r.split("/")[0] for r in manifest.files})
+        raise LayoutMismatch(f"checkpoint {it_dir} holds no {rel} ({layout}; the checkpoint "
+                             f"holds {held}; convert it with tools/checkpoint_convert.py)")
+    if manifest is None and not os.path.isfile(path):
+        present = sorted(os.listdir(it_dir)) if os.path.isdir(it_dir) else []
+        raise CheckpointError(f"checkpoint file {path} is missing ({layout}; the checkpoint "
+                              f"holds {present or 'nothing'})")
+    saved = load_verified(it_dir, rel, manifest, verify)
+    shards = {}
+    if optimizer is not None and load_optimizer:
+        if manifest is not None:
+            ranks = [shard_rank(r.split("/")[1]) for r in manifest.files if r.startswith(name + "/")]
+            ranks = sorted(r for r in ranks if r is not None)
+        else:
+            ranks = sorted(shard_files(rank_dir)) if os.path.isdir(rank_dir) else []
+        saved_dp = saved.get("parallel", {}).get("data_parallel_size")
+        if ranks and ranks != list(range(saved_dp or 0)):
+            raise CheckpointError(f"checkpoint {rank_dir} is incomplete: it was saved at "
+                                  f"data-parallel size {saved_dp} but holds distributed-optimizer "
+                                  f"shards of DP ranks {ranks}")
+        # Exact resume of a distributed optimizer reads this rank's own shard only;
+        # re-sharding or converting to the plain optimizer reads all of them.
+        own = (bool(getattr(optimizer, "is_sharded", False))
+               and saved_dp == mpu.get_data_parallel_world_size())
+        need = [mpu.get_data_parallel_rank()] if own and ranks else ranks
+        shards = {r: None for r in ranks}
+        for r in need:
+            shards[r] = load_verified(it_dir, f"{name}/{shard_file_name(r)}", manifest, verify)
+    return path, rank_dir, saved, shards
 
 
 def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_optimizer=True,
@@ -188,39 +263,32 @@ def load_checkpoint(cfg, model_chunks, optimizer, scheduler, root=None, load_opt
     """Resume from the latest checkpoint under `root` (default `cfg.checkpoint.load`).
 
     Returns (iteration, consumed_samples), (0, 0) when there is nothing to load.
-    A checkpoint without optimizer state (or `load_optimizer=False`) resumes with
-    a fresh optimizer built from the loaded weights; the scheduler, iteration
-    and data position are restored either way. A distributed optimizer's state
-    saved at another data-parallel size is re-sharded, and state written by the
-    other optimizer kind (plain <-> distributed) is converted. Raises
-    CheckpointError when the checkpoint does not fit the model or layout, or
-    its optimizer state cannot be converted (e.g. fp32 state into a bf16 run).
+    Each rank verifies and reads its files first; when they are missing, truncated,
+    corrupt or unreadable on any rank, every rank falls back to the newest older
+    checkpoint that reads everywhere (fallback.py), and CheckpointError says why
+    when none does. A checkpoint without optimizer state (or `load_optimizer=False`)
+    resumes with a fresh optimizer built from the loaded weights; the scheduler,
+    iteration and data position are restored either way. A distributed optimizer's
+    state saved at another data-parallel size is re-sharded, and state written by
+    the other optimizer kind (plain <-> distributed) is converted. Raises
+    CheckpointError when the checkpoint does not fit the model or layout, or its
+    optimizer state cannot be converted (e.g. fp32 state into a bf16 run).
     """
     from megatron import mpu
     root = root or cfg.checkpoint.load
     if root is None:
         return 0, 0
-    iteration = read_latest_iteration(root)
+    iteration, it_dir, read = read_newest_good(
+        root, lambda d: _read_rank_files(d, cfg, optimizer, load_optimizer))
     if iteration is None:
         print_rank_0(f"no checkpoint under {root} ({LATEST} absent): starting from scratch")
         return 0, 0
-    it_dir = existing_iteration_dir(root, iteration)
-    rank_dir = os.path.join(it_dir, _my_rank_dir_name())
-    path = os.path.join(rank_dir, MODEL_FILE)
-    if not os.path.isfile(path):
-        present = []
-        if os.path.isdir(it_dir):
-            present = sorted(os.listdir(it_dir))
-        raise CheckpointError(
-            f"checkpoint file {path} is missing (this rank's layout is TP="
-            f"{mpu.get_tensor_model_parallel_world_size()}, PP={mpu.get_pipeline_model_parallel_world_size()}; "
-            f"the checkpoint holds {present or 'nothing'})")
-    saved = load_file(path)
+    path, rank_dir, saved, shards = read
     _check_layout(path, saved, cfg, model_chunks)
     for chunk, state in zip(model_chunks, model_states(saved, len(model_chunks))):
         _load_model_state(path, chunk, state)
     if optimizer is not None:
-        loaded = load_optimizer and _load_optimizer_state(path, rank_dir, saved, optimizer)
+        loaded = load_optimizer and _load_optimizer_state(path, rank_dir, saved, optimizer, shards)
         if not loaded:
             # The fp32 masters (and the distributed optimizer's shards of them)
             # were copied from the model at construction, before the weights

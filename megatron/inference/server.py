@@ -8,9 +8,14 @@ PUT /api with a JSON object::
 answers ``{"text": [prompt + continuation, ...], "segments": [[token text, ...], ...]}``
 plus ``"logprobs"`` (per token after the first) when asked. ``top_k`` = 1 is
 greedy. Every request is checked before the model runs: malformed JSON, wrong
-types, out-of-range or over-limit values answer HTTP 400 with a message; a
-body over the size cap answers 413. Model calls are serialized by a lock, so
-concurrent requests queue instead of interleaving their key-value caches.
+types, out-of-range or over-limit values answer HTTP 400 with a message (a
+body nested too deeply to parse too, never 500); a body over the size cap
+answers 413. Model calls are serialized by a lock, so concurrent requests queue
+instead of interleaving their key-value caches; the queue is bounded
+(``max_queued``): a request beyond it answers 503 with a ``Retry-After`` header
+at once. Each connection has its own thread and a socket timeout, and the listen
+backlog (``backlog``) holds a burst of connections until they are accepted, so
+a slow client holds up nobody and none is reset.
 """
 import json
 import threading
@@ -29,6 +34,9 @@ class ServerLimits:
     max_tokens_to_generate: int = 512
     max_body_bytes: int = 1 << 20
     socket_timeout_s: float = 30.0
+    max_queued: int = 64       # requests running or waiting for the model; beyond: 503
+    backlog: int = 1024        # connections the kernel holds until accepted (listen backlog)
+    retry_after_s: int = 1     # the Retry-After of a 503
 
 
 class RequestError(UserError, ValueError):
@@ -52,6 +60,8 @@ def parse_request(raw, tokenizer, limits, max_sequence_length):
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100k levels of "[": the parser's stack, not a server fault
+        raise RequestError("request body is not valid JSON: nested too deeply to parse") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     known = {"prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "logprobs",
@@ -97,6 +107,7 @@ class GenerationService:
         self.im = im
         self.limits = limits or ServerLimits()
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(self.limits.max_queued)
 
     def handle(self, raw):
         """The response dict of a raw request body (RequestError for a bad one)."""
@@ -130,11 +141,13 @@ def _handler_class(service):
         def log_message(self, fmt, *args):  # keep test and tool output quiet
             pass
 
-        def _reply(self, status, obj):
+        def _reply(self, status, obj, headers=()):
             data = json.dumps(obj).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in headers:
+                self.send_header(key, value)
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
@@ -155,12 +168,21 @@ def _handler_class(service):
                 raw = self.rfile.read(length)
             except OSError:
                 return self.close_connection
+            # The body is read first even when the queue is full: closing a socket with
+            # unread data would reset the connection instead of answering it.
+            if not service.slots.acquire(blocking=False):
+                return self._reply(503, {"error": f"server busy: {limits.max_queued} requests "
+                                                  f"are queued; retry after "
+                                                  f"{limits.retry_after_s} s"},
+                                   headers=[("Retry-After", str(limits.retry_after_s))])
             try:
                 return self._reply(200, service.handle(raw))
             except (RequestError, ValueError) as e:
                 return self._reply(400, {"error": str(e)})
             except Exception as e:  # never let one request take the server down
                 return self._reply(500, {"error": f"{type(e).__name__}: {e}"})
+            finally:
+                service.slots.release()
 
         def _not_allowed(self):
             self._reply(405, {"error": "use PUT /api with a JSON body"})
@@ -173,7 +195,11 @@ def _handler_class(service):
 def make_server(im, host="127.0.0.1", port=5000, limits=None):
     """A ThreadingHTTPServer serving ``im``; call ``serve_forever()`` (port 0 picks a free one)."""
     service = GenerationService(im, limits)
-    server = ThreadingHTTPServer((host, port), _handler_class(service))
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = service.limits.backlog  # socketserver's default is 5
+
+    server = Server((host, port), _handler_class(service))
     server.daemon_threads = True
     server.service = service
     return server
