@@ -21,19 +21,42 @@ kernel that skips the masked half does less work than is credited.
 """
 
 
+def layer_forward_flops_per_token(seq_length, hidden_size, ffn_hidden_size=None):
+    """Forward FLOPs of one transformer layer per token: its GEMMs (QKV, attention output,
+    the two MLP matrices) and attention's two s x s products (counted unmasked)."""
+    s, h = seq_length, hidden_size
+    ffn = ffn_hidden_size or 4 * h
+    return 2 * (3 * h * h + h * h + 2 * h * ffn) + 2 * 2 * s * h
+
+
+def attention_core_forward_flops_per_token(seq_length, hidden_size):
+    """The part of ``layer_forward_flops_per_token`` a selective recompute runs again."""
+    return 2 * 2 * seq_length * hidden_size
+
+
+def layer_passes(recompute):
+    """Forward-pass equivalents of a layer per step: forward, backward (twice the forward),
+    and the forward once more under full recomputation. ``recompute``: bool or a
+    ``training.recompute`` value ("selective" is counted by the caller)."""
+    return 4 if recompute in (True, "full") else 3
+
+
 def gpt_flops_per_iteration(batch_size, seq_length, num_layers, hidden_size, vocab_size,
                             ffn_hidden_size=None, recompute=False):
     """Model FLOPs of one training iteration on `batch_size` sequences (all ranks together).
 
     Written out term by term so that a non-default FFN size is counted right;
-    with ffn_hidden_size = 4h it equals the papers' closed form above.
+    with ffn_hidden_size = 4h it equals the papers' closed form above. ``recompute``
+    True or "full" counts the recomputed forward, "selective" the recomputed
+    attention core; False / "none" gives the model FLOPs.
     """
     B, s, l, h, V = batch_size, seq_length, num_layers, hidden_size, vocab_size
-    ffn = ffn_hidden_size or 4 * h
-    layer_fwd_per_token = 2 * (3 * h * h + h * h + 2 * h * ffn) + 2 * 2 * s * h
+    layer_fwd_per_token = layer_forward_flops_per_token(s, h, ffn_hidden_size)
     logit_fwd_per_token = 2 * h * V
-    layer_passes = 4 if recompute else 3
-    return B * s * (layer_passes * l * layer_fwd_per_token + 3 * logit_fwd_per_token)
+    per_token = layer_passes(recompute) * l * layer_fwd_per_token + 3 * logit_fwd_per_token
+    if recompute == "selective":
+        per_token += l * attention_core_forward_flops_per_token(s, h)
+    return B * s * per_token
 
 
 def paper_closed_form(batch_size, seq_length, num_layers, hidden_size, vocab_size, recompute=False):
