@@ -400,21 +400,36 @@ def finalize(cfg, world_size=1):
     return cfg
 
 
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got "
+                          f"{type(d).__name__}")
+    return d
+
+
 def load_config(path=None, overrides=(), world_size=None):
     """Read YAML at `path` (None: defaults), apply overrides, check names and types.
 
+    `path` may be a list of files: each later one is an overlay whose fields replace the
+    earlier ones' key by key (e.g. a layout written by tools/plan_layout.py --emit).
     With `world_size` given, also fill derived defaults and run the cross-field
     checks (`finalize`). Raises ConfigError with a one-line message.
     """
     d = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    paths = [] if path is None else [path] if isinstance(path, str) else list(path)
+    for p in paths:
+        for section, values in _read_yaml(p).items():
+            if isinstance(values, dict) and isinstance(d.get(section), dict):
+                d[section].update(values)
+            else:
+                d[section] = values
     apply_overrides(d, list(overrides))
     cfg = Config.from_dict(d)
     if world_size is not None:
