@@ -99,6 +99,10 @@ class TrainingConfig:
         None, "After training, print a continuation of this prompt from the final model.")
     sample_tokens: int = _f(32, "Number of tokens to generate for sample_prompt.")
     sample_top_k: int = _f(1, "Top-k for the sample: 1 is greedy; sampling is seeded by seed.")
+    hardware: Optional[str] = _f(
+        None, "Hardware profile for the log's MFU: a name from megatron/planning/hardware.yaml "
+              "(V100-32GB, A100-80GB, H100-80GB, H200) or a profiles .yaml file; None: MFU "
+              "against a GEMM peak measured on the device at the first log line.")
 
 
 @dataclass
@@ -376,6 +380,12 @@ def finalize(cfg, world_size=1):
     if p.sequence_parallel and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
+    if t.hardware is not None:
+        from megatron.planning.hardware import HardwareError, get_profile
+        try:
+            get_profile(t.hardware).peak(t.precision)
+        except HardwareError as e:
+            raise ConfigError(f"training.hardware={t.hardware!r}: {e}") from None
     if t.train_iters is None and t.train_samples is None:
         raise ConfigError("set training.train_iters or training.train_samples (both are null)")
     if t.train_samples is not None:
