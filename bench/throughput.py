@@ -22,7 +22,8 @@ import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
 from megatron.planning.flops import gpt_flops_per_iteration
-from megatron.planning.measure import _sync, measure_peak_gflops
+from megatron.planning.measure import measure_peak_gflops
+from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
 
 

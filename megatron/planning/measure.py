@@ -14,6 +14,7 @@ hardware profile is named (and of ``bench/throughput.py``).
 import functools
 import gc
 import time
+import warnings
 import weakref
 
 import torch
@@ -62,13 +63,15 @@ class LiveTensorBytes(TorchDispatchMode):
 def live_storage_bytes():
     """Bytes of the distinct storages of every tensor the Python heap holds now."""
     seen = {}
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-                st = obj.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-        except (RuntimeError, ReferenceError):  # a tensor without storage (e.g. sparse)
-            continue
+    with warnings.catch_warnings():  # isinstance() on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                    st = obj.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, ReferenceError):  # a tensor without storage (e.g. sparse)
+                continue
     return sum(seen.values())
 
 
@@ -152,7 +155,8 @@ def measure_step_memory(cfg, padded_vocab_size, steps=2):
             "peak": static + tracker.peak}
 
 
-def _sync(device):
+def synchronize(device):
+    """Wait for ``device``'s queued work (a no-op on CPU), so wall time measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -169,10 +173,10 @@ def measure_peak_gflops(device, repeats=5, n=None):
     torch.matmul(a, b, out=c)
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         c0, t0 = time.process_time(), time.perf_counter()
         torch.matmul(a, b, out=c)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
         best_cpu = min(best_cpu, time.process_time() - c0)
     # The second figure is per process CPU second (all threads), the yardstick for CPU-time MFU.
