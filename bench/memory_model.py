@@ -47,11 +47,13 @@ def main():
                 if key not in measured or row["peak"] > measured[key]["peak"]:
                     measured[key] = row
     rows = predicted_rows(measured, model)
-    print(f"{'layout':<34} {'pp rank':>7} {'static MB':>10} {'pred. MB':>9} {'meas. MB':>9} "
-          f"{'error':>7}  peak moment")
+    # static: what lives between steps; step: what one step adds on top at its peak.
+    print(f"{'layout':<26} {'pp':>2} {'static MB':>9} {'step pred.':>10} {'step meas.':>10} "
+          f"{'peak pred.':>10} {'peak meas.':>10} {'error':>6}  peak moment")
     for r in rows:
-        print(f"{r['name']:<34} {r['pipeline_rank']:>7} {r['static'] / MB:>10.2f} "
-              f"{r['predicted'] / MB:>9.2f} {r['peak'] / MB:>9.2f} {r['error_pct']:>6.1f}%  "
+        print(f"{r['name']:<26} {r['pipeline_rank']:>2} {r['static'] / MB:>9.2f} "
+              f"{(r['predicted'] - r['predicted_static']) / MB:>10.2f} {r['step_peak'] / MB:>10.2f} "
+              f"{r['predicted'] / MB:>10.2f} {r['peak'] / MB:>10.2f} {r['error_pct']:>5.1f}%  "
               f"{r['detail']}")
     worst = max(abs(r["error_pct"]) for r in rows)
     act = max(abs(r["step_error_pct"]) for r in rows)

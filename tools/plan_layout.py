@@ -23,7 +23,7 @@ GIB = 2 ** 30
 
 def _row(rank, p):
     mem, t = p.memory, p.time
-    return (f"{rank:>4} {p.layout.describe():<34} {mem.total / GIB:>8.1f} "
+    return (f"{rank:>4} {p.layout.describe():<38} {mem.total / GIB:>8.1f} "
             f"{t.total:>8.3f} {t.tokens_per_s_per_device:>10.0f} {t.tflops_per_device:>8.1f} "
             f"{t.mfu:>6.3f}")
 
@@ -86,7 +86,7 @@ def main(argv=None):
                f"({smallest.layout.describe()})" if smallest else ""
         raise UserError(f"no layout of {args.config} on {args.gpus} x {hw.name} fits in "
                         f"{limit / GIB:.1f} GiB per GPU{need}")
-    print(f"{'rank':>4} {'layout':<34} {'GiB/GPU':>8} {'s/iter':>8} {'tok/s/GPU':>10} "
+    print(f"{'rank':>4} {'layout':<38} {'GiB/GPU':>8} {'s/iter':>8} {'tok/s/GPU':>10} "
           f"{'TFLOP/s':>8} {'MFU':>6}")
     for i, q in enumerate(fitting[:args.top], 1):
         print(_row(i, q))
