@@ -223,7 +223,8 @@ def rank_memory(shape, layout, rank, device="cuda"):
     if layout.precision != "fp32" and not layout.grad_fp32:
         step_tmp += 4 * shard  # grads cast to fp32 for the masters, all at once
     if layout.distributed_optimizer and layout.dp > 1:
-        step_tmp = max(step_tmp, 4 * shard if layout.grad_fp32 else d * shard, d * shard)
+        # The reduce-scatter's output shard, then the all-gather's copy of the param shard.
+        step_tmp = max(step_tmp, (4 if layout.grad_fp32 else d) * shard, d * shard)
     moments["optimizer step"] = step_tmp - held  # activations are gone by then
     name = max(moments, key=moments.get)
     return RankMemory(pipeline_rank=rank, params=params, grads=grads, masters=masters,
