@@ -54,3 +54,11 @@ def test_hardware_is_checked_with_the_config(hardware, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, OVERRIDES + [f"training.hardware={hardware}", "training.precision=bf16"],
                     world_size=1)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    # The log measures its peak mid-run: dropout's stream (and exact resume) must not move.
+    from megatron.planning.measure import measure_peak_gflops
+    before = torch.get_rng_state()
+    measure_peak_gflops(torch.device("cpu"), repeats=1, n=64)
+    assert torch.equal(before, torch.get_rng_state())

@@ -167,8 +167,11 @@ def measure_peak_gflops(device, repeats=5, n=None):
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: a training run measuring its peak must not move the global
+    # RNG streams (dropout, exact resume).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=c)
     best, best_cpu = float("inf"), float("inf")
