@@ -1,4 +1,4 @@
-"""Pretrain a GPT model: `[torchrun ...] python pretrain_gpt.py --config X.yaml [section.key=value ...]`.
+"""Pretrain a GPT model: `[torchrun ...] python pretrain_gpt.py --config X.yaml [--config overlay.yaml] [section.key=value ...]`.
 
 Thin entry point: it supplies the model, the datasets and the forward step to
 `megatron.training.pretrain`. `--print-config` prints the resolved YAML and exits.
@@ -64,7 +64,9 @@ def _device_for(cfg):
 def main(argv=None):
     """Parse arguments, build the providers and train; user errors exit with one line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML config file; repeat it to add overlays (a later file's "
+                             "fields replace the earlier ones', e.g. tools/plan_layout.py --emit)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

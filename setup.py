@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron", "megatron.*"]),
     py_modules=["pretrain_gpt"],
+    # The hardware profiles the planner and the log's MFU read (megatron/planning/).
+    package_data={"megatron.planning": ["hardware.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.3",

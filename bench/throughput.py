@@ -9,7 +9,7 @@ the same run times bench/baseline_gpt2.py on the same shapes. The two are
 interleaved (ours, baseline, ours, ...) and each figure is a median, because
 machines that share cores drift during a run. The peak is measured in the same
 run, also interleaved: a large fp32 GEMM on CPU, a bf16 GEMM on GPU (best of
-each round). FLOPs are counted as in the Megatron-LM papers (bench/flops.py).
+each round). FLOPs are counted as in the Megatron-LM papers (megatron/planning/flops.py).
 
 Last line: tokens_per_s=... mfu=... baseline_ratio=... ms_per_iter=... peak_gflops=...
 """
@@ -21,35 +21,10 @@ import time
 import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
-from flops import gpt_flops_per_iteration
-
+from megatron.planning.flops import gpt_flops_per_iteration
+from megatron.planning.measure import measure_peak_gflops
+from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_peak_gflops(device, repeats=5, n=None):
-    """Best GEMM rate of a few runs, fp32 2048^3 on CPU, bf16 8192^3 on GPU:
-    (GFLOP per wall second, GFLOP per process CPU second)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=c)
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        torch.matmul(a, b, out=c)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    # The second figure is per process CPU second (all threads), the yardstick for CPU-time MFU.
-    return 2 * n ** 3 / best / 1e9, 2 * n ** 3 / max(best_cpu, 1e-9) / 1e9
 
 
 def random_batches(micro_batch_size, seq_length, vocab_size, device, seed=0):

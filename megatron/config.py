@@ -99,6 +99,10 @@ class TrainingConfig:
         None, "After training, print a continuation of this prompt from the final model.")
     sample_tokens: int = _f(32, "Number of tokens to generate for sample_prompt.")
     sample_top_k: int = _f(1, "Top-k for the sample: 1 is greedy; sampling is seeded by seed.")
+    hardware: Optional[str] = _f(
+        None, "Hardware profile for the log's MFU: a name from megatron/planning/hardware.yaml "
+              "(V100-32GB, A100-80GB, H100-80GB, H200) or a profiles .yaml file; None: MFU "
+              "against a GEMM peak measured on the device at the first log line.")
 
 
 @dataclass
@@ -382,6 +386,12 @@ def finalize(cfg, world_size=1):
     if p.sequence_parallel and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
+    if t.hardware is not None:
+        from megatron.planning.hardware import HardwareError, get_profile
+        try:
+            get_profile(t.hardware).peak(t.precision)
+        except HardwareError as e:
+            raise ConfigError(f"training.hardware={t.hardware!r}: {e}") from None
     if t.train_iters is None and t.train_samples is None:
         raise ConfigError("set training.train_iters or training.train_samples (both are null)")
     if t.train_samples is not None:
@@ -406,21 +416,36 @@ def finalize(cfg, world_size=1):
     return cfg
 
 
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got "
+                          f"{type(d).__name__}")
+    return d
+
+
 def load_config(path=None, overrides=(), world_size=None):
     """Read YAML at `path` (None: defaults), apply overrides, check names and types.
 
+    `path` may be a list of files: each later one is an overlay whose fields replace the
+    earlier ones' key by key (e.g. a layout written by tools/plan_layout.py --emit).
     With `world_size` given, also fill derived defaults and run the cross-field
     checks (`finalize`). Raises ConfigError with a one-line message.
     """
     d = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    paths = [] if path is None else [path] if isinstance(path, str) else list(path)
+    for p in paths:
+        for section, values in _read_yaml(p).items():
+            if isinstance(values, dict) and isinstance(d.get(section), dict):
+                d[section].update(values)
+            else:
+                d[section] = values
     apply_overrides(d, list(overrides))
     cfg = Config.from_dict(d)
     if world_size is not None:

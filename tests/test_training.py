@@ -129,7 +129,7 @@ def test_tensorboard_scalars(single):
     for tag in ["lm loss", "lm loss validation", "lm loss validation ppl", "lm loss test",
                 "lm loss test ppl", "learning-rate",
                 "grad-norm", "tokens-per-sec", "iteration-time", "params-norm", "loss-scale",
-                "skipped-iterations"]:
+                "skipped-iterations", "tflops-per-device", "mfu"]:
         assert tag in tags and f"{tag} vs samples" in tags, tag
     steps = [e.step for e in acc.Scalars("lm loss vs samples")]
     assert steps == [40, 80, 120, 160, 200, 240, 280, 320]

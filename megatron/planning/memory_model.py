@@ -1,0 +1,243 @@
+"""Analytic memory model: the peak tensor bytes of each pipeline rank of a layout.
+
+Read off this code, not a paper: what each module saves for backward, what the
+DDP grad buffer, the optimizers and the schedules keep (see docs/scaling.md for
+the equations and their validation against measured CPU runs). Two devices
+differ only in kernels: on ``cpu`` dropout keeps a mask in the activation
+dtype and attention with dropout runs SDPA's math path (it keeps the s x s
+scores, their dropout mask and the dropped scores in fp32); on ``cuda`` the
+fused dropout kernels keep a 1-byte mask, the Triton LayerNorm fp32 statistics,
+and SDPA's flash kernel no s x s tensor at all.
+
+Bytes of one rank = static (parameters, DP grad buffer, fp32 masters, Adam
+moments) + the most it holds at once during a step: the activations of the
+micro batches the schedule keeps in flight, plus the largest transient on top
+(the logits and loss buffers of the last stage, one layer's backward, a
+recomputed layer, the optimizer's temporaries).
+"""
+from dataclasses import dataclass, field
+
+from megatron.planning.layout import DTYPE_BYTES
+
+INT64 = 8
+
+
+@dataclass
+class RankMemory:
+    """Bytes on one pipeline rank: the static parts, the activations held at the peak,
+    the transient on top of them, and ``total``; ``detail`` names the peak moment."""
+    pipeline_rank: int
+    params: int
+    grads: int
+    masters: int
+    optimizer_state: int
+    activations: int
+    transient: int
+    in_flight: int
+    detail: str = ""
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def static(self):
+        """What persists between steps."""
+        return self.params + self.grads + self.masters + self.optimizer_state
+
+    @property
+    def total(self):
+        """The predicted peak."""
+        return self.static + self.activations + self.transient
+
+
+def stage_params(shape, layout, rank):
+    """Parameters held by pipeline rank ``rank`` (all its model chunks, one TP shard)."""
+    t, p = layout.tp, layout.pp
+    h = shape.hidden_size
+    vocab_shard = shape.padded_vocab(t) // t
+    n = shape.num_layers // p * shape.layer_params(t)
+    if rank == 0:
+        n += vocab_shard * h + shape.max_position_embeddings * h
+    if rank == p - 1:
+        n += 2 * h  # final LayerNorm
+        if p > 1:
+            n += vocab_shard * h  # the last stage's copy of the tied word embedding
+    return n
+
+
+def static_bytes(shape, layout, rank):
+    """``(params, grads, masters, optimizer_state)`` bytes of pipeline rank ``rank``.
+
+    The DDP grad buffer is fp32 with ``grad_fp32`` (else the param dtype), padded to a
+    multiple of DP; fp16/bf16 params get fp32 masters; Adam keeps two fp32 moments per
+    master. The distributed optimizer keeps masters and moments for its 1/DP shard only
+    (its parameters become views into a flat buffer of the same size).
+    """
+    n = stage_params(shape, layout, rank)
+    d = layout.dtype_bytes
+    padded = -(-n // layout.dp) * layout.dp
+    grads = padded * (4 if layout.grad_fp32 else d)
+    owned = padded // layout.dp if layout.distributed_optimizer else n
+    masters = 4 * owned if layout.precision != "fp32" else 0
+    return n * d, grads, masters, 8 * owned
+
+
+def _mask_bytes(device, d):
+    # CPU dropout keeps its mask in the activation dtype; the CUDA kernels keep bools.
+    return d if device == "cpu" else 1
+
+
+def layer_activation_bytes(shape, layout, device="cuda"):
+    """Bytes one transformer layer keeps for backward, per micro batch, by part:
+    ``replicated`` (what every TP rank holds whole unless sequence parallel: LayerNorm
+    inputs / outputs, residual dropout masks), ``split`` (divided over TP: QKV, attention
+    output, MLP), ``attention_core`` (what SDPA keeps beyond its q, k, v inputs) and
+    ``checkpoint`` (the layer input a full recompute keeps instead)."""
+    t, d = layout.tp, layout.dtype_bytes
+    s, b, h = shape.seq_length, layout.micro_batch, shape.hidden_size
+    a, f = shape.num_attention_heads, shape.ffn_hidden_size
+    sbh = s * b * h
+    rep = 1 / t if layout.sequence_parallel else 1
+    m = _mask_bytes(device, d) if shape.dropout else 0
+    stats_bytes = d if device == "cpu" else 4  # ATen keeps LayerNorm stats in the input dtype
+    # Two LayerNorms (their outputs, the linears' inputs; mean and rstd), the attention
+    # residual (post-attention LayerNorm input), the layer output (next layer's input),
+    # two residual dropout masks.
+    replicated = rep * (sbh * (4 * d + 2 * m) + 4 * s * b * stats_bytes)
+    # QKV output (q, k, v are views of it), the attention output made contiguous for the
+    # dense layer, the GeLU input and output.
+    split = (sbh * (3 * d + d) + 2 * s * b * f * d) / t
+    lse = 4 * b * a * s / t
+    selective_inputs = 0  # what a selective recompute keeps beyond ``split``: q, k, v
+    if device == "cpu" and shape.dropout:
+        # SDPA's math path (CPU, dropout on): q and k scaled / transposed fp32 copies, v as an
+        # fp32 copy unless fp32 already (then it is a view of the QKV output); the scores'
+        # softmax, dropout mask and dropped scores, fp32.
+        core = sbh * (8 + (0 if d == 4 else 4)) / t + 12 * b * a * s * s / t
+        if d != 4:
+            split -= 3 * d * sbh / t  # the QKV output itself is not kept then...
+            selective_inputs = 3 * d * sbh / t  # ...but the recompute keeps it
+    elif device == "cpu":
+        core = lse  # flash kernel on CPU: the log-sum-exp; its output is the dense input
+    else:
+        core = sbh * d / t + lse  # flash kernel: its output and the log-sum-exp
+    return {"replicated": replicated, "split": split, "attention_core": core,
+            "selective_inputs": selective_inputs, "checkpoint": rep * sbh * d}
+
+
+def layer_bytes(parts, recompute):
+    """Held bytes of one layer per micro batch under ``recompute``: a full recompute keeps
+    the layer input only, a selective one everything but the attention core (recomputed
+    from its q, k, v, views of the QKV output)."""
+    if recompute == "full":
+        return parts["checkpoint"]
+    if recompute == "selective":
+        return parts["replicated"] + parts["split"] + parts["selective_inputs"]
+    return parts["replicated"] + parts["split"] + parts["attention_core"]
+
+
+def in_flight(layout, rank):
+    """(chunk, micro batch) forwards whose activations pipeline rank ``rank`` holds at most
+    at once: 1 without pipelining; min(p - rank, m) in 1F1B; in the interleaved schedule
+    the warm-up forwards plus one (all m x v when m = p)."""
+    p, v, m = layout.pp, layout.vp, layout.num_microbatches
+    if p == 1:
+        return 1
+    if v == 1:
+        return min(p - rank, m)
+    total = m * v
+    if m == p:
+        return total
+    return min(2 * (p - rank - 1) + (v - 1) * p + 1, total)
+
+
+def rank_memory(shape, layout, rank, device="cuda"):
+    """The predicted peak of pipeline rank ``rank`` as a ``RankMemory``."""
+    t, p, v, d = layout.tp, layout.pp, layout.vp, layout.dtype_bytes
+    s, b, h = shape.seq_length, layout.micro_batch, shape.hidden_size
+    sbh = s * b * h
+    rep = 1 / t if layout.sequence_parallel else 1
+    params, grads, masters, opt = static_bytes(shape, layout, rank)
+    parts = layer_activation_bytes(shape, layout, device)
+    per_layer = layer_bytes(parts, layout.recompute)
+    layers_per_chunk = shape.num_layers // (p * v)
+    m_bytes = _mask_bytes(device, d) if shape.dropout else 0
+    first, last = rank == 0, rank == p - 1
+    vocab_t = shape.padded_vocab(t) // t
+
+    # What one (chunk, micro batch) forward keeps: its layers, and its input (the
+    # embedding output and dropout mask with the token ids, or the received tensor).
+    # A non-last chunk's output is released once sent, so its last layer's output is not.
+    chunk = layers_per_chunk * per_layer
+    ids = 3 * b * s * INT64 + (2 * b * s * INT64 if t > 1 else 0)  # tokens, labels, positions
+    embed_input = rep * sbh * (d + m_bytes) + ids
+    recv_input = rep * sbh * d
+    released = rep * sbh * d
+    flights = in_flight(layout, rank)
+    # Chunks of this rank in flight: with interleaving they cycle over the v chunks; the
+    # first rank's chunk 0 reads data, the last rank's last chunk ends in the loss.
+    held = 0.0
+    for k in range(flights):
+        c = (k // p) % v if v > 1 else 0
+        is_first_chunk = first and c == 0
+        is_last_chunk = last and c == v - 1
+        held += chunk + (embed_input if is_first_chunk else recv_input)
+        if not is_last_chunk:
+            held -= released
+    # One layer's backward, MLP first: the grads of its output and residual, of the GeLU
+    # output and one weight grad (each saved tensor is freed once its node has run). Then
+    # the attention, after the MLP's activations are gone: the recomputed core (selective)
+    # and the grads of its s x s scores (math path) or of q, k, v (flash).
+    # A full recompute first rebuilds the whole layer on top of the held inputs.
+    f, a = shape.ffn_hidden_size, shape.num_attention_heads
+    mlp_held = rep * sbh * (d + m_bytes) + 2 * s * b * f * d / t
+    mlp_bwd = d * (2 * rep * sbh + s * b * f / t + f * h / t)
+    if device == "cpu" and shape.dropout:
+        core_bwd = 4 * b * a * s * s / t + d * sbh / t
+    else:
+        core_bwd = 3 * d * sbh / t
+    full_layer = parts["replicated"] + parts["split"] + parts["attention_core"]
+    rebuilt = {"full": full_layer - parts["checkpoint"],
+               "selective": parts["attention_core"] - parts["selective_inputs"],
+               "none": 0}[layout.recompute]
+    if layout.recompute == "full":
+        layer_bwd = rebuilt + max(mlp_bwd, core_bwd - mlp_held)
+    else:
+        layer_bwd = max(mlp_bwd, rebuilt + core_bwd - mlp_held)
+    moments = {"layer backward": layer_bwd}
+    if last:
+        sbv = s * b * vocab_t
+        # Final LayerNorm output (gathered whole for the logits with sequence parallelism).
+        head = sbh * d + rep * 4 * s * b * (d if device == "cpu" else 4)
+        inplace = d == 4
+        moments["loss forward"] = head + sbv * (4 if inplace else d + 4)
+        # Backward of the loss: the fp32 softmax becomes the logits' grad (cast to the
+        # dtype), then the output layer's grads of its input and weight.
+        moments["loss backward"] = head + max(sbv * (4 if inplace else 4 + d),
+                                              sbv * d + sbh * d + vocab_t * h * d)
+        if p == 1:
+            # Tied embedding on one stage: the output layer's weight grad waits for the
+            # embedding's before the grad hook runs; it spans the whole backward.
+            moments["layer backward"] += vocab_t * h * d
+    n = stage_params(shape, layout, rank)
+    shard = -(-n // layout.dp) if layout.distributed_optimizer else n
+    step_tmp = 0
+    if layout.precision != "fp32" and not layout.grad_fp32:
+        step_tmp += 4 * shard  # grads cast to fp32 for the masters, all at once
+    if layout.distributed_optimizer and layout.dp > 1:
+        # The reduce-scatter's output shard, then the all-gather's copy of the param shard.
+        step_tmp = max(step_tmp, (4 if layout.grad_fp32 else d) * shard, d * shard)
+    moments["optimizer step"] = step_tmp - held  # activations are gone by then
+    name = max(moments, key=moments.get)
+    return RankMemory(pipeline_rank=rank, params=params, grads=grads, masters=masters,
+                      optimizer_state=opt, activations=int(held),
+                      transient=int(moments[name]), in_flight=flights,
+                      detail=name, parts=parts)
+
+
+def peak_memory(shape, layout, device="cuda"):
+    """The pipeline rank with the highest predicted peak, as a ``RankMemory``."""
+    ranks = range(layout.pp) if layout.pp <= 3 else sorted({0, 1, layout.pp - 2, layout.pp - 1})
+    return max((rank_memory(shape, layout, r, device) for r in ranks), key=lambda r: r.total)
+
+
+__all__ = ["RankMemory", "rank_memory", "peak_memory", "static_bytes", "stage_params",
+           "layer_activation_bytes", "in_flight", "DTYPE_BYTES"]
