@@ -120,8 +120,9 @@ def test_command_line_runs_lm_eval(setup, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
     out = tmp_path / "out"
+    # No --device: lm_eval's default is cuda:0, which falls back to the CPU here.
     assert main(["--model", "megatron-gpt", "--model_args", f"load={setup['ckpt']},dtype=float32",
-                 "--tasks", "bridges_mc", "--include_path", setup["tasks"], "--device", "cpu",
+                 "--tasks", "bridges_mc", "--include_path", setup["tasks"],
                  "--batch_size", "auto", "--output_path", str(out)]) == 0
     assert "bridges_mc" in capsys.readouterr().out  # lm_eval's results table
     (results_file,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)

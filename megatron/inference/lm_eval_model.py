@@ -76,6 +76,11 @@ class MegatronGPTLM(TemplateLM):
         from megatron.inference.loader import load_inference_model
         from megatron.initialize import select_device
         dev = torch.device(device) if device else select_device("auto")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            # lm_eval's CLI asks for cuda:0 unless told otherwise; its hf model falls back too.
+            print(f"warning: {NAME}: device {device} requested but CUDA is not available; using the CPU",
+                  file=sys.stderr, flush=True)
+            dev = torch.device("cpu")
         if dtype is not None:
             if dtype not in DTYPE_NAMES:
                 raise LmEvalArgumentError(f"dtype must be one of fp32, fp16, bf16 (or float32, float16, "
