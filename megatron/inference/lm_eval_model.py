@@ -31,6 +31,9 @@ import torch
 from megatron.optional_deps import require
 
 lm_eval = require("lm_eval", "eval", "the lm-evaluation-harness model megatron-gpt")
+# lm_eval fills its registry with its own models only while the registry is empty:
+# list them first, or registering megatron-gpt would hide "hf", "vllm", ...
+import lm_eval.models  # noqa: E402,F401
 from lm_eval.api.model import TemplateLM  # noqa: E402  (after the one-line check above)
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
