@@ -130,18 +130,31 @@ def _text_columns(pa, schema, keys, path):
             raise PreprocessError(f"{path}: column {key!r} holds {t}, not strings")
 
 
-def _row_chunks(path, batches, keys, size_limit):
+def _text_bytes(pa, column):
+    """UTF-8 bytes of each row of a string column, read off its offsets (nulls count 0 or
+    what the writer left there: this only sizes chunks). pyarrow.compute, which costs a
+    noticeable share of a small run's start-up, is needed only for string views."""
+    import numpy as np
+
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        dtype = np.int64 if pa.types.is_large_string(t) else np.int32
+        offsets = np.frombuffer(column.buffers()[1], dtype=dtype)[column.offset:column.offset + len(column) + 1]
+        return np.diff(offsets).astype(np.int64)
+    import pyarrow.compute as pc
+    return pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _row_chunks(pa, path, batches, keys, size_limit):
     """Split record batches into chunks of about ``size_limit`` = (bytes of text, rows)."""
     import numpy as np
-    import pyarrow.compute as pc
 
     first = 1
     for batch in batches:
         if batch.num_rows == 0:
             continue
         columns = [batch.column(k) for k in keys]
-        nbytes = sum(pc.fill_null(pc.binary_length(c), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-                     for c in columns)
+        nbytes = sum(_text_bytes(pa, c) for c in columns)
         ends = np.cumsum(nbytes)
         start = 0
         while start < batch.num_rows:
@@ -161,7 +174,7 @@ def _parquet_chunks(path, keys, size_limit):
     try:
         f = pq.ParquetFile(path)
         _text_columns(pa, f.schema_arrow, keys, path)
-        yield from _row_chunks(path, f.iter_batches(batch_size=size_limit[1], columns=list(keys)), keys,
+        yield from _row_chunks(pa, path, f.iter_batches(batch_size=size_limit[1], columns=list(keys)), keys,
                                    size_limit)
     except (OSError, pa.ArrowException) as e:
         raise PreprocessError(f"{path}: cannot read as Parquet ({e})") from None
@@ -199,7 +212,7 @@ def _dataset_chunks(path, keys, size_limit):
             with pa.memory_map(name) as source:
                 reader = pa.ipc.open_stream(source)
                 _text_columns(pa, reader.schema, keys, path)
-                for chunk in _row_chunks(path, reader, keys, size_limit):
+                for chunk in _row_chunks(pa, path, reader, keys, size_limit):
                     chunk.first += offset
                     rows += len(chunk.payload[0])
                     yield chunk
