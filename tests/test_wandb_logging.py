@@ -22,6 +22,13 @@ def _overrides(tmp_path, **extra):
         "logging.wandb_exp_name": "tiny", "logging.wandb_save_dir": str(tmp_path / "wb"), **extra})
 
 
+def _flush_wandb():
+    """wandb's service may still be writing the run file after finish(); its teardown waits
+    (a training process gets the same at exit)."""
+    import wandb
+    wandb.teardown()
+
+
 @pytest.fixture
 def wandb_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's capture of stdout alone
@@ -39,6 +46,7 @@ def test_offline_run_holds_config_and_one_row_per_log_interval(tmp_path, monkeyp
     monkeypatch.setenv("WANDB_MODE", "offline")
     history = run_pretrain(_overrides(tmp_path, **{"logging.tensorboard_dir": str(tmp_path / "tb")}))
     assert history["iteration"] == 10
+    _flush_wandb()
     run_dir, config, rows = read_offline_run(str(tmp_path / "wb"))
     # The resolved config: global batch size and the W&B settings themselves.
     assert config["training"]["global_batch_size"] == 8 and config["model"]["hidden_size"] == 32
@@ -68,6 +76,7 @@ def test_unreachable_service_warns_and_training_goes_on(tmp_path, monkeypatch, c
     history = run_pretrain(_overrides(tmp_path))
     assert history["iteration"] == 10 and history["exit_reason"] is None
     err = capfd.readouterr().err
+    _flush_wandb()
     assert "warning: W&B: cannot start the run (" in err and "logging offline to" in err
     _, config, rows = read_offline_run(str(tmp_path / "wb"))  # nothing lost: sync it later
     assert [r["_step"] for r in rows] == [0, 5, 10] and config["training"]["train_iters"] == 10
