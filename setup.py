@@ -28,6 +28,18 @@ setup(
         "hf": ["transformers", "safetensors"],
         # Triton kernels on CUDA (the CPU paths never need it).
         "gpu": ["triton"],
-        "test": ["pytest", "transformers", "safetensors", "triton"],
+        # Corpora as Parquet, zstd JSONL or save_to_disk datasets (tools/preprocess_data.py).
+        "data": ["pyarrow", "zstandard"],
+        # Weights & Biases logging (logging.wandb_project).
+        "wandb": ["wandb"],
+        # The lm-evaluation-harness model megatron-gpt (megatron-lm-eval).
+        "eval": ["lm_eval>=0.4"],
+        # The tests also run lm_eval's own hf model (accelerate) and write datasets.
+        "test": ["pytest", "transformers", "safetensors", "triton",
+                 "pyarrow", "zstandard", "datasets", "wandb", "lm_eval", "accelerate"],
+    },
+    entry_points={
+        # lm_eval has no plugin entry point for models: this runs its CLI with megatron-gpt registered.
+        "console_scripts": ["megatron-lm-eval=megatron.inference.lm_eval_model:main"],
     },
 )

@@ -7,11 +7,16 @@ data/kjv-merges.txt, 8192 tokens) at 1 and 2 workers. MB/s = input bytes /
 wall time of the whole command, Python start-up included. Peak RSS is the
 largest resident set of the command or any of its worker processes.
 
+--formats also runs the same texts as Parquet (one `text` column, pyarrow's default
+snappy compression, written here with pyarrow; needs the `[data]` extra): its MB/s
+counts the JSONL bytes of the same documents, so the two figures compare wall times for
+identical work, and parquet_over_jsonl_time_wN is Parquet's wall time / JSONL's.
+
 With --engines it first measures the BPE engines alone, one thread, on the
 corpus once (same vocabulary, identical ids): tiktoken (GPT2BPETokenizer) and
 Hugging Face `tokenizers` (encode per document, and encode_batch on one thread).
 
-Usage: python bench/preprocess.py [--repeat 12] [--workers 1 2] [--runs 1] [--engines]
+Usage: python bench/preprocess.py [--repeat 12] [--workers 1 2] [--runs 1] [--formats jsonl parquet] [--engines]
 The last line printed is key=value figures.
 """
 
@@ -42,6 +47,24 @@ def run_once(cmd):
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out.decode()}")
     cpu = usage.ru_utime + usage.ru_stime
     return wall, cpu, usage.ru_maxrss / 1024, out.decode().strip().splitlines()[-1]
+
+
+_WRITE_PARQUET = """
+import gzip, json, sys
+import pyarrow as pa, pyarrow.parquet as pq
+with gzip.open(sys.argv[1], "rt", encoding="utf-8") as f:
+    texts = [json.loads(line)["text"] for line in f if line.strip()]
+pq.write_table(pa.table({"text": texts * int(sys.argv[2])}), sys.argv[3], row_group_size=4096)
+"""
+
+
+def write_parquet(repeat, path):
+    """The embedded corpus's documents, ``repeat`` times, as a Parquet file with one
+    ``text`` column (row groups of 4096 documents). Written by a child process: pyarrow
+    loaded here would count in the peak RSS of every command started afterwards."""
+    subprocess.run([sys.executable, "-c", _WRITE_PARQUET, os.path.join(ROOT, "data", "kjv.jsonl.gz"),
+                    str(repeat), path], check=True, env=megatron_env())
+    return path
 
 
 def measure_engines(texts, figures):
@@ -79,6 +102,8 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--runs", type=int, default=1, help="runs per worker count; the best is reported")
     p.add_argument("--engines", action="store_true", help="also time the BPE engines alone")
+    p.add_argument("--formats", nargs="+", default=["jsonl"], choices=["jsonl", "parquet"],
+                   help="input kinds to time on the same texts (parquet needs pyarrow)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_preprocess-")
     try:
@@ -92,24 +117,44 @@ def main():
         print(f"input: {corpus} ({size / 1e6:.1f} MB, kjv x {args.repeat}); tokenizer: data/kjv-vocab.json "
               f"+ data/kjv-merges.txt (GPT2BPETokenizer, 8192 tokens)")
         figures = {"input_mb": f"{size / 1e6:.1f}"}
-        for w in args.workers:
-            best = None
-            for r in range(args.runs):
-                out = os.path.join(tmp, f"out_w{w}")
-                cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
-                       "--output-prefix", out, "--tokenizer-type", "GPT2BPETokenizer",
-                       "--vocab-file", os.path.join(ROOT, "data", "kjv-vocab.json"),
-                       "--merge-file", os.path.join(ROOT, "data", "kjv-merges.txt"),
-                       "--append-eod", "--workers", str(w), "--no-progress"]
-                wall, cpu, rss, summary = run_once(cmd)
-                print(f"workers={w} run={r}: {wall:.2f} s wall, {cpu:.2f} s CPU, {size / 1e6 / wall:.2f} MB/s, "
-                      f"peak RSS {rss:.0f} MiB | {summary}")
-                if best is None or wall < best[0]:
-                    best = (wall, rss, cpu)
-            figures[f"mb_per_s_w{w}"] = f"{size / 1e6 / best[0]:.2f}"
-            figures[f"seconds_w{w}"] = f"{best[0]:.2f}"
-            figures[f"peak_rss_mib_w{w}"] = f"{best[1]:.0f}"
-            figures[f"cpu_seconds_w{w}"] = f"{best[2]:.2f}"
+        inputs = {"jsonl": corpus}
+        if "parquet" in args.formats:
+            inputs["parquet"] = write_parquet(args.repeat, os.path.join(tmp, "corpus.parquet"))
+            print(f"input: {inputs['parquet']} ({os.path.getsize(inputs['parquet']) / 1e6:.1f} MB, same texts)")
+        # Interleaved (run, workers, format): a load change on the shared machine then
+        # hits every format alike, and each keeps its best run.
+        best = {}
+        for r in range(args.runs):
+            for w in args.workers:
+                for fmt in args.formats:
+                    out = os.path.join(tmp, f"out_{fmt}_w{w}")
+                    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
+                           inputs[fmt], "--output-prefix", out, "--tokenizer-type", "GPT2BPETokenizer",
+                           "--vocab-file", os.path.join(ROOT, "data", "kjv-vocab.json"),
+                           "--merge-file", os.path.join(ROOT, "data", "kjv-merges.txt"),
+                           "--append-eod", "--workers", str(w), "--no-progress"]
+                    wall, cpu, rss, summary = run_once(cmd)
+                    print(f"{fmt} workers={w} run={r}: {wall:.2f} s wall, {cpu:.2f} s CPU, "
+                          f"{size / 1e6 / wall:.2f} MB/s, peak RSS {rss:.0f} MiB | {summary}")
+                    if (fmt, w) not in best or wall < best[fmt, w][0]:
+                        best[fmt, w] = (wall, rss, cpu)
+        for fmt in args.formats:
+            tag = "" if fmt == "jsonl" else f"{fmt}_"
+            for w in args.workers:
+                wall, rss, cpu = best[fmt, w]
+                figures[f"{tag}mb_per_s_w{w}"] = f"{size / 1e6 / wall:.2f}"
+                figures[f"{tag}seconds_w{w}"] = f"{wall:.2f}"
+                figures[f"{tag}peak_rss_mib_w{w}"] = f"{rss:.0f}"
+                figures[f"{tag}cpu_seconds_w{w}"] = f"{cpu:.2f}"
+        for fmt in args.formats:
+            if fmt == "jsonl" or "jsonl" not in args.formats:
+                continue
+            for w in args.workers:
+                figures[f"{fmt}_over_jsonl_time_w{w}"] = f"{best[fmt, w][0] / best['jsonl', w][0]:.3f}"
+            figures[f"{fmt}_identical_output"] = str(all(
+                open(os.path.join(tmp, f"out_{fmt}_w{w}_text_document{e}"), "rb").read()
+                == open(os.path.join(tmp, f"out_jsonl_w{w}_text_document{e}"), "rb").read()
+                for w in args.workers for e in (".bin", ".idx")))
         if args.engines:
             # Last: Linux carries a parent's peak RSS into the children it forks
             # afterwards, and this step makes the parent large.

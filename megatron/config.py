@@ -157,9 +157,14 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard logging."""
+    """Console, TensorBoard and Weights & Biases logging."""
     log_interval: int = _f(10, "Print the training line every this many iterations.")
     tensorboard_dir: Optional[str] = _f(None, "TensorBoard event directory; None disables it.")
+    wandb_project: Optional[str] = _f(None, "Weights & Biases project (Megatron-LM's --wandb-project); None "
+                                            "disables W&B. Needs the [wandb] extra; WANDB_MODE=offline works.")
+    wandb_exp_name: Optional[str] = _f(None, "Weights & Biases run name (--wandb-exp-name); None lets W&B pick.")
+    wandb_save_dir: Optional[str] = _f(None, "Directory of the local W&B run files (--wandb-save-dir); None = "
+                                             "<checkpoint.save>/wandb, or ./wandb without a save directory.")
 
 
 SECTIONS = {

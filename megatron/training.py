@@ -20,7 +20,8 @@ from megatron import checkpoint
 from megatron.config import finalize
 from megatron.errors import UserError
 from megatron.initialize import initialize_megatron, world_size_from_env
-from megatron.logging import TensorBoardWriter, is_last_rank, print_rank_0
+from megatron.logging import is_last_rank, print_rank_0
+from megatron.metrics_writer import MetricsWriter, build_metrics_writer
 from megatron.mpu.collectives import fail_together
 from megatron.train_step import StepSchedule, mean_loss, step_scalars, train_step
 from megatron.training_log import LogWindow, log_evaluation
@@ -121,8 +122,8 @@ def _iterators(loader_factory, num_chunks):
 class Run:
     """What every piece of the loop shares, built once by `pretrain`: the config, the
     model chunks and their optimizer and LR schedule, this rank's schedule of a global
-    batch, the device, the TensorBoard writer and the train/valid/test loader factories
-    (None for an empty split)."""
+    batch, the device, the metrics writer (TensorBoard, W&B) and the train/valid/test
+    loader factories (None for an empty split)."""
     cfg: object
     forward_step_func: Callable
     model_chunks: list
@@ -130,7 +131,7 @@ class Run:
     scheduler: object
     schedule: StepSchedule
     device: torch.device
-    writer: TensorBoardWriter
+    writer: MetricsWriter
     train_data: Optional[Callable] = None
     valid_data: Optional[Callable] = None
     test_data: Optional[Callable] = None
@@ -385,7 +386,7 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         # RNGs; keep the (restored) states so a resumed run continues exactly.
         rng_state = checkpoint.get_rng_state()
         datasets = _build_datasets(cfg, datasets_provider)
-        writer = TensorBoardWriter(cfg.logging.tensorboard_dir, enabled=is_last_rank())
+        writer = build_metrics_writer(cfg, enabled=is_last_rank())
         run = Run(cfg, forward_step_func, model_chunks, optimizer, scheduler,
                   StepSchedule.from_config(cfg), device, writer,
                   *build_data_iterators(cfg, datasets, consumed, device))

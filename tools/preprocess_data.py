@@ -1,10 +1,15 @@
-"""Tokenize a JSONL corpus into Megatron ``.bin``/``.idx`` files (Megatron-LM's flags).
+"""Tokenize a corpus into Megatron ``.bin``/``.idx`` files (Megatron-LM's flags).
+
+Inputs: JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet (.parquet; --json-keys names the
+text columns) and Hugging Face datasets saved with save_to_disk (a directory); several
+paths or globs in one run, documents in the order given (a glob's matches sorted).
 
 Example:
     python tools/preprocess_data.py --input data/kjv.jsonl.gz --output-prefix data/kjv \
         --tokenizer-type GPT2BPETokenizer --vocab-file data/kjv-vocab.json \
         --merge-file data/kjv-merges.txt --append-eod --workers 2
-writes data/kjv_text_document.bin and .idx.
+writes data/kjv_text_document.bin and .idx;
+    python tools/preprocess_data.py --input 'fineweb/*.parquet' --output-prefix data/fw ...
 """
 
 import argparse
@@ -17,10 +22,13 @@ from megatron.tokenizer import TOKENIZER_TYPES
 
 def parse_args(argv=None):
     """The command line, with Megatron-LM's flag names."""
-    p = argparse.ArgumentParser(description="Tokenize JSONL into Megatron .bin/.idx files.")
+    p = argparse.ArgumentParser(description="Tokenize a corpus into Megatron .bin/.idx files.")
     g = p.add_argument_group("input")
-    g.add_argument("--input", required=True, help=".jsonl, .jsonl.gz or a glob of them (quote it)")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    g.add_argument("--input", required=True, nargs="+",
+                   help=".jsonl, .jsonl.gz, .jsonl.zst, .parquet, a save_to_disk directory, or globs of "
+                        "them (quote them); several are read in the order given")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="JSON keys, or Parquet / dataset columns, to extract (default: text)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip lines that are not JSON objects with string keys, listing them in PREFIX.skipped.txt")
     g.add_argument("--keep-empty", action="store_true", help="keep documents with no tokens")

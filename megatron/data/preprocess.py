@@ -1,6 +1,8 @@
-"""JSONL corpus -> Megatron ``.bin``/``.idx`` token files (the logic of tools/preprocess_data.py).
+"""Corpus -> Megatron ``.bin``/``.idx`` token files (the logic of tools/preprocess_data.py).
 
-The corpus is streamed in chunks of lines: workers parse and tokenize chunks,
+Inputs are JSONL (plain, .gz, .zst), Parquet or Hugging Face ``save_to_disk``
+directories (megatron/data/corpus_readers.py reads them).
+The corpus is streamed in chunks of lines or rows: workers parse and tokenize chunks,
 the main process writes their results in input order, so the output does not
 depend on the worker count and memory stays flat in the corpus size. Output is
 written under temporary names and renamed at the end: a failed run leaves no
@@ -8,29 +10,22 @@ partial files. This module imports numpy and the tokenizer only (no torch):
 start-up time is part of the measured throughput.
 """
 
-import glob
-import gzip
 import json
 import os
 import sys
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
-from megatron.errors import UserError
+from megatron.data.corpus_readers import PreprocessError, expand_inputs, read_chunks
 from megatron.tokenizer import build_tokenizer
 
 CHUNK_BYTES = 1 << 20  # input bytes per work item: large enough to amortize IPC
 CHUNK_LINES = 4096
 DOCUMENT_SUFFIX = "_document"
-
-
-class PreprocessError(UserError):
-    """A user-caused problem (input, paths, tokenizer): one line, no traceback."""
 
 
 @dataclass
@@ -60,23 +55,6 @@ class PreprocessSummary:
 def output_prefix_for(output_prefix, key):
     """Megatron's naming: ``{output_prefix}_{key}_document``."""
     return f"{output_prefix}_{key}{DOCUMENT_SUFFIX}"
-
-
-def expand_inputs(pattern):
-    """The input files: one path, or a glob's matches in sorted order."""
-    if isinstance(pattern, (list, tuple)):
-        out = []
-        for p in pattern:
-            out.extend(expand_inputs(p))
-        return out
-    if any(c in pattern for c in "*?["):
-        paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-        if not paths:
-            raise PreprocessError(f"no input file matches {pattern!r}")
-        return paths
-    if not os.path.isfile(pattern):
-        raise PreprocessError(f"input file not found: {pattern!r}")
-    return [pattern]
 
 
 # ---------------------------------------------------------------- worker side
@@ -143,13 +121,13 @@ def _encode_columns(tok, keys, columns, linenos, bad):
 
 
 def encode_chunk(first_lineno, lines):
-    """Parse and tokenize one chunk of raw lines (runs in a worker).
+    """Parse and tokenize one chunk of raw JSONL lines (runs in a worker).
 
     Returns ``(n_lines, per_key, bad, empty)``: per key a pair (ids of the
     kept documents concatenated, one length per kept document); ``bad`` lists
     (line number, reason); ``empty`` counts documents skipped for no tokens.
     """
-    tok, keys = _worker["tok"], _worker["keys"]
+    keys = _worker["keys"]
     bad = []
     linenos = []
     columns = [[] for _ in keys]
@@ -163,7 +141,34 @@ def encode_chunk(first_lineno, lines):
         linenos.append(first_lineno + n)
         for col, text in zip(columns, texts):
             col.append(text)
-    encoded = _encode_columns(tok, keys, columns, linenos, bad)
+    return (len(lines),) + _encode_documents(columns, linenos, bad)
+
+
+def encode_rows(first_row, columns):
+    """Tokenize one chunk of rows (Parquet or Arrow; runs in a worker): ``columns`` holds one
+    list of texts per key, None for a null value (a bad row). Returns as ``encode_chunk``."""
+    keys = _worker["keys"]
+    n_rows = len(columns[0])
+    bad = []
+    nulls = set()
+    for key, col in zip(keys, columns):
+        for i, text in enumerate(col):
+            if text is None and i not in nulls:
+                nulls.add(i)
+                bad.append((first_row + i, f"{key!r} is null"))
+    if nulls:
+        keep = [i for i in range(n_rows) if i not in nulls]
+        columns = [[col[i] for i in keep] for col in columns]
+        rows = [first_row + i for i in keep]
+    else:
+        rows = range(first_row, first_row + n_rows)
+    return (n_rows,) + _encode_documents(columns, rows, bad)
+
+
+def _encode_documents(columns, linenos, bad):
+    """Tokenize the parsed texts of one chunk: ``(per_key, bad, empty)`` (see ``encode_chunk``)."""
+    tok = _worker["tok"]
+    encoded = _encode_columns(tok, _worker["keys"], columns, linenos, bad)
     bad.sort()
     per_key = []
     empty = 0
@@ -178,30 +183,10 @@ def encode_chunk(first_lineno, lines):
             flat = np.insert(flat, np.cumsum(lengths), tok.eod)
             lengths = lengths + 1
         per_key.append((flat.astype(_worker["dtype"], copy=False), lengths))
-    return len(lines), per_key, bad, empty
+    return per_key, bad, empty
 
 
 # ---------------------------------------------------------------- main side
-
-def _read_chunks(paths):
-    """Yield (path, first line number, raw lines, bytes) chunks of every input file."""
-    for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        try:
-            with opener(path, "rb") as f:
-                lines, size, first = [], 0, 1
-                for raw in f:
-                    lines.append(raw)
-                    size += len(raw)
-                    if size >= CHUNK_BYTES or len(lines) >= CHUNK_LINES:
-                        yield path, first, lines, size
-                        first += len(lines)
-                        lines, size = [], 0
-                if lines:
-                    yield path, first, lines, size
-        except (OSError, EOFError, zlib.error) as e:
-            raise PreprocessError(f"{path}: cannot read ({e})") from None
-
 
 class _InProcess:
     """The one-worker path: no process pool, no pickling."""
@@ -235,7 +220,11 @@ def _make_executor(workers, tok, tokenizer_cfg, args):
         # built. The CLI path has imported no torch and started no threads;
         # callers inside a training process use workers=1.
         _init_worker(tok, *args)
-        return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+        # The first submit forks every worker: do it now, before a Parquet or Arrow
+        # reader has started pyarrow's threads in this process.
+        pool.submit(int).result()
+        return pool
     return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dict(tokenizer_cfg), *args))
 
 
@@ -256,7 +245,9 @@ def _atomic_write_text(path, text):
 
 def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append_eod=False, workers=1,
                log_interval=1000, skip_bad_lines=False, keep_empty=False, progress=True):
-    """Tokenize JSONL ``inputs`` (a path, glob or list) into ``{output_prefix}_{key}_document.bin/.idx``.
+    """Tokenize ``inputs`` (a path, glob or list of them: JSONL, .jsonl.gz, .jsonl.zst,
+    Parquet, or a ``save_to_disk`` directory) into ``{output_prefix}_{key}_document.bin/.idx``,
+    documents in input order; ``json_keys`` name the JSON keys or the text columns.
 
     ``tokenizer_cfg`` is the config's tokenizer section (dataclass or dict).
     A bad line raises ``PreprocessError`` naming file and line and leaves no
@@ -304,14 +295,15 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
     ok = False
     try:
         def drain_one():
-            path, n_bytes, fut = pending.popleft()
+            chunk, fut = pending.popleft()
             n_lines, per_key, bad, empty = fut.result()
             if bad:
                 if not skip_bad_lines:
                     lineno, reason = bad[0]
-                    raise PreprocessError(f"{path}:{lineno}: {reason} (use --skip-bad-lines to skip such lines)")
+                    raise PreprocessError(f"{chunk.where(lineno)}: {reason} "
+                                          "(use --skip-bad-lines to skip such lines)")
                 summary.bad_lines += len(bad)
-                skipped.extend(f"{path}:{lineno}: {reason}" for lineno, reason in bad)
+                skipped.extend(f"{chunk.where(lineno)}: {reason}" for lineno, reason in bad)
             summary.empty += empty
             for builder, (flat, lengths) in zip(builders, per_key):
                 offset = 0
@@ -321,7 +313,7 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
                 summary.tokens += int(flat.size)
             docs = len(per_key[0][1])
             summary.documents += docs
-            summary.input_bytes += n_bytes
+            summary.input_bytes += chunk.n_bytes
             if bar is not None:
                 bar.update(docs)
                 if summary.documents // max(log_interval, 1) != (summary.documents - docs) // max(log_interval, 1):
@@ -329,8 +321,9 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
                     bar.set_postfix_str(f"{summary.input_bytes / 1e6:.1f} MB, "
                                         f"{summary.input_bytes / 1e6 / el:.2f} MB/s", refresh=False)
 
-        for path, first, lines, n_bytes in _read_chunks(paths):
-            pending.append((path, n_bytes, executor.submit(encode_chunk, first, lines)))
+        for chunk in read_chunks(paths, keys, CHUNK_BYTES, CHUNK_LINES):
+            encode = encode_chunk if chunk.kind == "lines" else encode_rows
+            pending.append((chunk, executor.submit(encode, chunk.first, chunk.payload)))
             while len(pending) >= max_pending:
                 drain_one()
         while pending:
@@ -350,7 +343,7 @@ def preprocess(inputs, output_prefix, tokenizer_cfg, json_keys=("text",), append
         ok = True
     finally:
         for fut in pending:
-            fut[2].cancel()
+            fut[1].cancel()
         executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()

@@ -9,6 +9,7 @@ from each other (tests/test_house_rules.py checks it).
 - ``data``: an indexed dataset whose tokens are their own positions (dataset tests).
 - ``tiny_tp``: a tiny tensor-parallel model with its batches, optimizer config and
   training iterations (optimizer, clipping, mixed-precision, distributed-optimizer tests).
+- ``wandb_records``: the config and history rows of a W&B offline run file (W&B test).
 - ``optimizer_launch``: the one 4-process launch whose per-rank results those optimizer
   tests check.
 - ``tp_launch`` with ``tp_layer_checks`` and ``tp_cross_entropy_checks``: the one
