@@ -33,7 +33,7 @@ def _gather_full(param, tensor):
         return tensor.clone()
     parts = [torch.empty_like(tensor) for _ in range(mpu.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor.contiguous(), group=_tp_group())
-    return torch.cat(parts, dim=param.partition_dim)
+    return mpu.stride_merge(parts, param.partition_dim, getattr(param, "partition_stride", 1))
 
 
 def _sync_sequence_parallel_grads(model):
