@@ -30,7 +30,8 @@ def _f(default, doc):
 
 @dataclass
 class ModelConfig:
-    """GPT-2 model shape."""
+    """Model shape: GPT-2 by default; the options after layernorm_epsilon give today's
+    decoders (Llama family), see docs/models.md."""
     num_layers: int = _f(12, "Number of transformer layers.")
     hidden_size: int = _f(768, "Hidden size h of the transformer.")
     num_attention_heads: int = _f(12, "Number of attention heads; must divide hidden_size.")
@@ -44,7 +45,35 @@ class ModelConfig:
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
     init_method_std: float = _f(0.02, "Standard deviation of the normal weight init; output "
                                       "projections are further scaled by 1/sqrt(2 x num_layers).")
-    layernorm_epsilon: float = _f(1e-5, "Epsilon of every LayerNorm.")
+    layernorm_epsilon: float = _f(1e-5, "Epsilon of every LayerNorm (or RMSNorm).")
+    # Today's decoder (Llama family): each option is Megatron-LM's flag of the same name;
+    # the defaults are GPT-2's. docs/models.md gives each one's formula.
+    position_embedding_type: str = _f(
+        "learned", "learned (a trained absolute position table, GPT-2) or rope (rotary "
+                   "embeddings applied to q and k; no position table).")
+    rotary_base: int = _f(10000, "RoPE base theta: frequencies base^(-2i/d) (Llama 2: 10000, "
+                                 "Llama 3: 500000).")
+    rotary_percent: float = _f(1.0, "Fraction of each head's dims that RoPE rotates (the first "
+                                    "ones); the rotated count must be even.")
+    normalization: str = _f("LayerNorm", "LayerNorm (GPT-2) or RMSNorm (Llama: no mean, no bias).")
+    activation: str = _f(
+        "gelu_tanh", "MLP activation: gelu_tanh (GPT-2's tanh approximation), gelu (exact erf) "
+                     "or swiglu (silu(x W_gate) * x W_up; ffn_hidden_size is the width of each).")
+    num_query_groups: Optional[int] = _f(
+        None, "Grouped-query attention: K/V heads shared by groups of query heads; null means "
+              "one group per head (multi-head), 1 multi-query. Must divide num_attention_heads "
+              "and be divisible by tensor_model_parallel_size.")
+    add_bias_linear: bool = _f(True, "Biases in the attention and MLP linears (false: Llama).")
+    untie_embeddings_and_output_weights: bool = _f(
+        False, "An output layer of its own (output_layer.weight) instead of the word embedding.")
+
+    def query_groups(self):
+        """The number of K/V head groups: num_query_groups, or one per head when null."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def rotary_dim(self):
+        """How many dims of each head RoPE rotates: head_dim x rotary_percent."""
+        return int(self.hidden_size // self.num_attention_heads * self.rotary_percent)
 
 
 @dataclass
@@ -183,6 +212,9 @@ ENUMS = {
     ("training", "recompute"): ("none", "full", "selective"),
     ("training", "device"): ("auto", "cpu", "cuda"),
     ("optimizer", "lr_decay_style"): ("cosine", "linear", "constant"),
+    ("model", "position_embedding_type"): ("learned", "rope"),
+    ("model", "normalization"): ("LayerNorm", "RMSNorm"),
+    ("model", "activation"): ("gelu_tanh", "gelu", "swiglu"),
 }
 
 
@@ -353,6 +385,7 @@ def finalize(cfg, world_size=1):
     if m.num_attention_heads % tp:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")
+    _check_decoder_options(m, tp)
     if m.num_layers % (pp * vp):
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
                           f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
@@ -433,6 +466,30 @@ def _read_yaml(path):
         raise ConfigError(f"config file {path} must be a mapping of sections, got "
                           f"{type(d).__name__}")
     return d
+
+
+def _check_decoder_options(m, tp):
+    """Cross-field checks of the Llama-family options (grouped-query attention, RoPE)."""
+    if m.num_query_groups is not None:
+        groups = m.num_query_groups
+        if groups < 1 or m.num_attention_heads % groups:
+            raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible "
+                              f"by model.num_query_groups={groups}")
+        if groups % tp:
+            # K/V heads are split over TP by whole groups; replicating a group on
+            # several ranks is not supported.
+            raise ConfigError(f"model.num_query_groups={groups} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={tp}")
+    if m.position_embedding_type == "rope":
+        head_dim = m.hidden_size // m.num_attention_heads
+        if not 0.0 < m.rotary_percent <= 1.0:
+            raise ConfigError(f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
+        if m.rotary_dim() < 2 or m.rotary_dim() % 2:
+            raise ConfigError(f"RoPE rotates head_dim x rotary_percent = {head_dim} x "
+                              f"{m.rotary_percent} = {m.rotary_dim()} dims, which must be even "
+                              f"and at least 2")
+        if m.rotary_base < 1:
+            raise ConfigError(f"model.rotary_base={m.rotary_base} must be at least 1")
 
 
 def load_config(path=None, overrides=(), world_size=None):

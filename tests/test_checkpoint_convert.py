@@ -5,7 +5,12 @@ exactly as from the original (optimizer resharded); the same through a virtual-p
 layout (PP=2 x VP=2) and back; generation from it at TP=4 equals TP=1, with and without
 the key-value cache.
 
-One 4-process launch; plus single-process checks of the split/merge rules.
+One 4-process launch; plus single-process checks of the split/merge rules. A second
+launch does the same for the Llama-style model (every option on, positions restarting
+after each document): trained at TP=2 x PP=2, resumed bit for bit, converted to TP=1 and
+to PP=2 x VP=2 (SwiGLU's [gate; up] and the untied output layer re-split, the output
+layer's vocabulary re-padded) and resumed there with the same losses, and generated from
+at TP=1 and TP=2 with and without the key-value cache.
 """
 import os
 
@@ -13,8 +18,8 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.helpers.training import (RESHARD_DIVISIBLE_BY, RESHARD_SEQ, VOCAB, make_corpus,
-                                    reset_layout, reshard_overrides, run_pretrain)
+from tests.helpers.training import (RESHARD_DIVISIBLE_BY, RESHARD_SEQ, VOCAB, llama_overrides,
+                                    make_corpus, reset_layout, reshard_overrides, run_pretrain)
 
 
 def _padded(tp):
@@ -186,18 +191,30 @@ def test_tp2pp2_to_tp1_and_tp4(tmp_path):
                 assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-4, name
 
 
-def test_partition_rules_match_the_model():
-    """The name table of megatron.checkpoint.reshard agrees with the attributes the model's layers set."""
+@pytest.mark.parametrize("llama", [False, True])
+def test_partition_rules_match_the_model(llama):
+    """The name table of megatron.checkpoint.reshard agrees with the attributes the model's
+    layers set (dim and stride), for GPT-2 and for the Llama-style options."""
     from megatron.config import Config
     from megatron.model import GPTModel
-    from megatron.checkpoint.reshard import partition_dim
+    from megatron.checkpoint.reshard import partition_dim, partition_stride
+    from tests.helpers.model import LLAMA_OPTIONS
     cfg = Config()
-    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 16, 2
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 16, 4
     cfg.model.seq_length = 8
+    if llama:
+        for key, value in LLAMA_OPTIONS.items():
+            setattr(cfg.model, key, value)
     model = GPTModel(cfg, 128)
+    names = set()
     for name, p in model.named_parameters():
+        names.add(name)
         expected = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
         assert partition_dim(name) == expected, name
+        assert partition_stride(name, cfg.to_dict()) == partition_stride(name, cfg) == \
+            (p.partition_stride if expected is not None else 1), name
+    assert ("output_layer.weight" in names) == llama
+    assert partition_stride("layers.0.mlp.dense_h_to_4h.weight", cfg) == (2 if llama else 1)
 
 
 def test_split_merge_round_trip_and_errors(tmp_path):
@@ -221,3 +238,73 @@ def test_split_merge_round_trip_and_errors(tmp_path):
     import tools.checkpoint_convert as cli
     assert cli.main(["--load-dir", str(tmp_path / "none"), "--save-dir", str(tmp_path / "c"),
                      "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1"]) == 1
+
+
+def _llama_runs(workdir):
+    from megatron.checkpoint import convert_checkpoint
+    rank = torch.distributed.get_rank()
+    prefix = os.path.join(workdir, "corpus")
+    d = {k: os.path.join(workdir, k) for k in ("orig", "tp1", "vp")}
+    if rank == 0:
+        make_corpus(prefix)
+    torch.distributed.barrier()
+
+    def run(tp, pp, **extra):
+        history = run_pretrain(reshard_overrides(prefix, tp, pp, **llama_overrides(), **{
+            "training.train_iters": 4, **extra}))
+        reset_layout()
+        return history["train_losses"]
+    straight = run(2, 2, **{"checkpoint.save": d["orig"], "checkpoint.save_interval": 2})
+    torch.distributed.barrier()  # every rank is done with the latest file before it changes
+    if rank == 0:
+        with open(os.path.join(d["orig"], "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("2\n")  # resume (and convert) from iteration 2
+        quiet = dict(log=lambda *_: None)
+        convert_checkpoint(d["orig"], d["tp1"], 1, 1, include_optimizer=True, **quiet)
+        convert_checkpoint(d["orig"], d["vp"], 1, 2, vp=2, include_optimizer=True, **quiet)
+    torch.distributed.barrier()
+    resumed = {"orig": run(2, 2, **{"checkpoint.load": d["orig"]}),
+               "tp1": run(1, 1, **{"checkpoint.load": d["tp1"]}),
+               "vp": run(1, 2, **{"checkpoint.load": d["vp"],
+                                  "parallel.virtual_pipeline_model_parallel_size": 2})}
+    from megatron import mpu
+    from megatron.inference.loader import load_inference_model
+    generations = {"tp1": _generations(load_inference_model(d["orig"], device=torch.device("cpu")))}
+    mpu.initialize_model_parallel(2, 1)
+    generations["tp2"] = _generations(load_inference_model(d["orig"], device=torch.device("cpu")))
+    reset_layout()
+    rows = None
+    if rank == 0:
+        from megatron.checkpoint import OUTPUT_LAYER_KEY, CheckpointShards, merge_model_state
+        rows = {k: merge_model_state(CheckpointShards(d[k]))[OUTPUT_LAYER_KEY].shape[0]
+                for k in d}
+    return {"straight": straight, "resumed": resumed, "generations": generations, "rows": rows}
+
+
+def test_llama_checkpoint_resumes_converts_and_generates(tmp_path):
+    results = run_distributed(_llama_runs, 4, str(tmp_path), timeout=600)
+    # the untied output layer is re-padded like the embedding (90 rows at TP=2, 75 at TP=1)
+    assert results[0]["rows"] == {"orig": 90, "tp1": 75, "vp": 75}
+    # at TP=2 x PP=2 the last stage's two TP ranks report the losses
+    straight = [r["straight"] for r in results if r["straight"]]
+    assert len(straight) == 2 and sorted(straight[0]) == list(range(1, 5))
+    assert straight[0][4] < straight[0][1] - 0.1  # it did train
+    for r in results:
+        for name, losses in r["resumed"].items():
+            if not losses:  # not a last pipeline stage
+                continue
+            assert sorted(losses) == [3, 4], name
+            for it in (3, 4):
+                if name == "orig":  # the same layout resumes bit for bit
+                    assert losses[it] == straight[0][it], (it, losses, straight[0])
+                else:
+                    assert losses[it] == pytest.approx(straight[0][it], rel=1e-5), (name, it)
+    assert sum(bool(r["resumed"]["vp"]) for r in results) == 2
+    # generation at TP=2 equals TP=1, cached equals uncached, token for token
+    for r in results:
+        for name, ref in r["generations"]["tp1"].items():
+            ref_tokens, ref_lp = ref[0]
+            assert len(ref_tokens) == 25
+            for tokens, lp in ref + r["generations"]["tp2"][name]:
+                assert tokens == ref_tokens, name
+                assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-4, name

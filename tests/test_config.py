@@ -114,6 +114,34 @@ def test_shipped_configs_are_valid():
     load_config(os.path.join(ROOT, "configs", "gpt2_tiny.yaml"), world_size=1)
 
 
+def test_shipped_llama_configs_have_the_published_shapes():
+    """Llama 2 7B and Llama 3 8B as published (their exact parameter counts, which every
+    shape enters), laid out for 8 GPUs; llama_tiny at gpt2_tiny's budget and steps."""
+    import torch
+    from megatron.model import GPTModel
+
+    def count(cfg, vocab):
+        with torch.device("meta"):  # no weights drawn
+            return sum(p.numel() for p in GPTModel(cfg, vocab).parameters())
+    for name, vocab, groups, ffn, base, seq, params in (
+            ("llama2_7b", 32000, None, 11008, 10000, 4096, 6_738_415_616),
+            ("llama3_8b", 128256, 8, 14336, 500000, 8192, 8_030_261_248)):
+        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), world_size=8)
+        m = cfg.model
+        assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                m.ffn_hidden_size, m.rotary_base, m.seq_length) == (32, 4096, 32, groups, ffn, base, seq)
+        assert (m.position_embedding_type, m.normalization, m.activation, m.add_bias_linear,
+                m.untie_embeddings_and_output_weights) == ("rope", "RMSNorm", "swiglu", False, True)
+        assert cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size \
+            * cfg.data_parallel_size(8) == 8
+        assert count(cfg, vocab) == params, name
+    tiny = load_config(os.path.join(ROOT, "configs", "gpt2_tiny.yaml"), world_size=1)
+    twin = load_config(os.path.join(ROOT, "configs", "llama_tiny.yaml"), world_size=1)
+    assert twin.training == tiny.training and twin.optimizer == tiny.optimizer
+    assert twin.data == tiny.data and twin.tokenizer == tiny.tokenizer
+    assert abs(count(twin, 8192) / count(tiny, 8192) - 1) < 0.02
+
+
 def test_docs_config_md_is_current():
     with open(os.path.join(ROOT, "docs", "config.md")) as f:
         assert f.read() == markdown(), "regenerate: python -m megatron.config --markdown > docs/config.md"

@@ -230,3 +230,114 @@ def test_compiled_bias_add_matches_reference():
     _check(bias_add_compiled, lambda x, b, r: fk.bias_dropout_add_reference(x, b, r, 0.0, False),
            [x, bias, res], torch.float32)
     assert not bias_add_compiled.failed
+
+
+# ---------------------------------------------------------------- Llama-style ops
+def _rotary_tables(s, b, rot, device="cpu", seed=3):
+    """fp32 cos / sin [s, b, 1, rot] of random positions (both halves share each angle)."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(s, b, 1, rot // 2, generator=g) * 50
+    angles = torch.cat([angles, angles], dim=-1).to(device)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_module_matches_reference(dtype, device):
+    norm = fk.RMSNorm(19, eps=1e-5).to(device=device, dtype=dtype)
+    assert list(norm.state_dict()) == ["weight"] and torch.equal(norm.weight, torch.ones_like(norm.weight))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(19))
+    (x,) = _leaves(dtype, (5, 3, 19), device=device)
+    _check(lambda x, w: fk.rms_norm(x, w, 1e-5), lambda x, w: fk.rms_norm_reference(x, w, 1e-5),
+           [x, norm.weight], dtype, scale=2.0)
+    # the reference is what the formula says: x / sqrt(mean(x^2) + eps) * w
+    xf, wf = x.detach().float(), norm.weight.detach().float()
+    want = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wf
+    torch.testing.assert_close(fk.rms_norm_reference(xf, wf, 1e-5), want)
+
+
+def test_rms_norm_mixed_dtypes_computes_in_fp32():
+    (w,) = _leaves(torch.float32, (9,))
+    (x,) = _leaves(torch.bfloat16, (4, 9))
+    out = fk.rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fk.rms_norm_reference(x.detach().float(), w.detach(), 1e-5).bfloat16())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_reference(dtype, device):
+    (x,) = _leaves(dtype, (3, 5, 2 * 19), device=device)
+    _check(fk.swiglu, fk.swiglu_reference, [x], dtype, scale=2.0)
+    gate, up = x.detach().float().chunk(2, dim=-1)
+    torch.testing.assert_close(fk.swiglu_reference(x.detach().float()), gate * torch.sigmoid(gate) * up)
+    with pytest.raises(ValueError, match="even last dimension"):
+        fk.swiglu(torch.ones(3, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_matches_reference(dtype, device):
+    # Odd heads, a head size of 10 of which 6 dims rotate, queries read through a strided
+    # view (as attention slices them out of the fused QKV output).
+    (qkv,) = _leaves(dtype, (7, 3, 5, 12), device=device)
+    cos, sin = _rotary_tables(7, 3, 6, device)
+    _check(lambda t: fk.rotary_embedding(t[:, :, 1:4, :10], cos, sin),
+           lambda t: fk.rotary_embedding_reference(t[:, :, 1:4, :10], cos, sin), [qkv], dtype,
+           scale=2.0)
+
+
+def test_rotary_reference_is_the_rotate_half_formula():
+    (x,) = _leaves(torch.float32, (4, 2, 3, 8))
+    cos, sin = _rotary_tables(4, 2, 8)
+    x1, x2 = x.detach()[..., :4], x.detach()[..., 4:]
+    c, s = cos[..., :4], sin[..., :4]
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    torch.testing.assert_close(fk.rotary_embedding_reference(x.detach(), cos, sin), want)
+    # half inputs: rotated in fp32, rounded once
+    xh = x.detach().bfloat16()
+    assert torch.equal(fk.rotary_embedding_reference(xh, cos, sin),
+                       fk.rotary_embedding_reference(xh.float(), cos, sin).bfloat16())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_core_attention_grouped_query_matches_repeated_heads(dtype, device):
+    """K/V with 2 heads for 6 query heads: the fused path equals the reference, and both
+    equal plain attention on K/V heads repeated for their groups (query head i reads group i // 3)."""
+    q, k, v = _leaves(dtype, (2, 6, 11, 5), (2, 2, 11, 5), (2, 2, 11, 5), device=device)
+    _check(fk.core_attention, fk.core_attention_reference, [q, k, v], dtype, scale=2.0)
+    rep = [t.detach().float().repeat_interleave(3, dim=1) for t in (k, v)]
+    torch.testing.assert_close(fk.core_attention_reference(q.detach().float(), *[t.detach().float() for t in (k, v)]),
+                               fk.core_attention_reference(q.detach().float(), *rep))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rms_norm_matches_reference(dtype):
+    pytest.importorskip("triton")
+    from megatron.fused_kernels.triton_rms_norm import rms_norm_triton
+    x, w = _leaves(dtype, (3, 7, 37), (37,), device=TRITON_DEVICE)
+    _check(lambda x, w: rms_norm_triton(x, w, 1e-5),
+           lambda x, w: fk.rms_norm_reference(x, w, 1e-5), [x, w], dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_swiglu_matches_reference(dtype):
+    pytest.importorskip("triton")
+    from megatron.fused_kernels.triton_swiglu import swiglu_triton
+    # 5*3*67 outputs: not a multiple of the block, so the tail mask is exercised.
+    (x,) = _leaves(dtype, (5, 3, 2 * 67), device=TRITON_DEVICE)
+    _check(swiglu_triton, fk.swiglu_reference, [x], dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rotary_embedding_matches_reference(dtype):
+    pytest.importorskip("triton")
+    from megatron.fused_kernels.triton_rotary import rotary_embedding_triton
+    # a strided view (3 of 5 heads, 10 of 12 dims) with 6 rotated dims; odd s and b
+    (qkv,) = _leaves(dtype, (7, 3, 5, 12), device=TRITON_DEVICE)
+    cos, sin = _rotary_tables(7, 3, 6, TRITON_DEVICE)
+    _check(lambda t: rotary_embedding_triton(t[:, :, 1:4, :10], cos, sin),
+           lambda t: fk.rotary_embedding_reference(t[:, :, 1:4, :10], cos, sin), [qkv], dtype,
+           scale=2.0)

@@ -4,6 +4,9 @@ One launch of 4 gloo ranks runs every layout in turn (TP=2 x DP=2, TP=2 with
 sequence parallelism, TP=4, TP=2 x PP=2 with virtual stages), each compared
 on every rank with a TP=1 model built in the same process; also a vocabulary
 whose padding differs with TP (masked padding logits: the same loss anyway).
+The Llama-style model (tests.helpers.model.llama_cfg: RoPE with restarting
+positions, RMSNorm, SwiGLU, 2 query groups, no biases, untied output layer)
+goes through TP=2, TP=2 with sequence parallelism and the pipeline chunks too.
 """
 import torch
 import torch.distributed as dist
@@ -11,7 +14,7 @@ import torch.distributed as dist
 from megatron import mpu
 from megatron.model import GPTModel
 from tests.dist_harness import run_distributed
-from tests.helpers.model import batch, tiny_cfg
+from tests.helpers.model import batch, llama_cfg, reset_positions, tiny_cfg
 
 VOCAB = 1000          # real tokens: ids and labels stay below this
 PADDED_VOCAB = 1024   # padded to a multiple of 128 x 4, the same for every TP here
@@ -33,7 +36,7 @@ def _gather_full(param, tensor):
         return tensor.clone()
     parts = [torch.empty_like(tensor) for _ in range(mpu.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor.contiguous(), group=_tp_group())
-    return torch.cat(parts, dim=param.partition_dim)
+    return mpu.stride_merge(parts, param.partition_dim, getattr(param, "partition_stride", 1))
 
 
 def _sync_sequence_parallel_grads(model):
@@ -43,12 +46,26 @@ def _sync_sequence_parallel_grads(model):
             dist.all_reduce(p.grad, group=_tp_group())
 
 
-def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None, lr=LR):
+# The two model families: how to build a config, the TP layouts to compare (two query
+# groups do not split over four ranks), the position ids (restarting for RoPE) and the
+# SGD step size (the bias-free RMSNorm model starts closer to uniform: larger steps).
+FAMILIES = {"gpt": (tiny_cfg, ((2, False), (2, True), (4, False)), None, LR),
+            "llama": (llama_cfg, ((2, False), (2, True)), [6, 11], 4 * LR)}
+
+
+def _batch(family, seed=0):
+    ids, pos, labels = batch(VOCAB, seed=seed)
+    resets = FAMILIES[family][2]
+    return ids, (reset_positions(*pos.shape, resets) if resets else pos), labels
+
+
+def _train(cfg, padded_vocab=PADDED_VOCAB, vocab_size=None, lr=None, family="gpt"):
     """Losses of STEPS plain SGD steps and the full gradients of the first step."""
+    lr = FAMILIES[family][3] if lr is None else lr
     model = GPTModel(cfg, padded_vocab, vocab_size=vocab_size)
     losses, first_grads = [], None
     for step in range(STEPS):
-        ids, pos, labels = batch(VOCAB, seed=step)
+        ids, pos, labels = _batch(family, seed=step)
         loss = model(ids, pos, labels=labels)
         loss.mean().backward()
         _sync_sequence_parallel_grads(model)
@@ -70,15 +87,16 @@ def _assert_close(got, want, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def _check_equivalence():
-    """TP=2, TP=2 + SP and TP=4 against TP=1: loss, every gradient, SGD losses."""
-    ref_losses, ref_grads = _train(tiny_cfg())
+def _check_equivalence(family="gpt"):
+    """TP=2, TP=2 + SP and TP=4 (GPT) against TP=1: loss, every gradient, SGD losses."""
+    make_cfg, layouts = FAMILIES[family][:2]
+    ref_losses, ref_grads = _train(make_cfg(), family=family)
     report = {}
-    for tp, sp in ((2, False), (2, True), (4, False)):
+    for tp, sp in layouts:
         mpu.initialize_model_parallel(tp)
         mpu.model_parallel_seed(1234)
-        cfg = tiny_cfg(parallel__tensor_model_parallel_size=tp, parallel__sequence_parallel=sp)
-        losses, grads = _train(cfg)
+        cfg = make_cfg(parallel__tensor_model_parallel_size=tp, parallel__sequence_parallel=sp)
+        losses, grads = _train(cfg, family=family)
         name = f"TP={tp}{' SP' if sp else ''}"
         assert set(grads) == set(ref_grads), name
         for step, (l, r) in enumerate(zip(losses, ref_losses)):
@@ -90,8 +108,9 @@ def _check_equivalence():
     report["TP=1"] = [l.mean().item() for l in ref_losses]
     # The same batches through the untrained model: what the losses would be had no
     # step (or a step of zero gradient) been taken.
-    report["TP=1 frozen"] = [l.mean().item() for l in _train(tiny_cfg(), lr=0.0)[0]]
-    report["padding"] = _check_padding_independence()
+    report["TP=1 frozen"] = [l.mean().item() for l in _train(make_cfg(), lr=0.0, family=family)[0]]
+    if family == "gpt":
+        report["padding"] = _check_padding_independence()
     return report
 
 
@@ -223,12 +242,14 @@ def _check_recompute_bits():
     return identical
 
 
-def _check_pipeline_stages():
+def _check_pipeline_stages(family="gpt"):
     """TP=2 x PP=2 with 2 virtual stages: each chunk's layers, weights and outputs
-    match the TP=1 model's, names use global layer indices, the tied embeddings agree."""
-    cfg1 = tiny_cfg(model__num_layers=4)
+    match the TP=1 model's, names use global layer indices, the tied embeddings agree
+    (the untied output layer lives on the last stage only, with no tied copy)."""
+    make_cfg = FAMILIES[family][0]
+    cfg1 = make_cfg(model__num_layers=4)
     full = GPTModel(cfg1, PADDED_VOCAB)
-    ids, pos, labels = batch(VOCAB)
+    ids, pos, labels = _batch(family)
     hidden = _hook_outputs({"embedding": full.embedding, **{f"layer{i}": l for i, l in full.layers.items()}})
     with torch.no_grad():
         ref_loss = full(ids, pos, labels)
@@ -237,7 +258,7 @@ def _check_pipeline_stages():
     full_params = dict(full.named_parameters())
 
     mpu.initialize_model_parallel(2, 2, virtual_pipeline_model_parallel_size=2)
-    cfg = tiny_cfg(model__num_layers=4, parallel__tensor_model_parallel_size=2,
+    cfg = make_cfg(model__num_layers=4, parallel__tensor_model_parallel_size=2,
                    parallel__pipeline_model_parallel_size=2,
                    parallel__virtual_pipeline_model_parallel_size=2)
     chunks = []
@@ -249,7 +270,10 @@ def _check_pipeline_stages():
         assert [int(i) for i in chunk.layers] == list(range(start, end))
         for n, p in chunk.named_parameters():
             assert torch.equal(_gather_full(p, p.detach()), full_params[n]), n
-        if pre or post:
+        if family == "llama":
+            assert hasattr(chunk, "embedding") == pre and hasattr(chunk, "output_layer") == post
+            assert not any(getattr(p, "tied_embedding", False) for p in chunk.parameters())
+        elif pre or post:
             w = chunk.word_embeddings_weight()
             assert w.tied_embedding
             assert getattr(w, "shared_embedding", False) == (post and not pre)
@@ -267,7 +291,8 @@ def _check_pipeline_stages():
 def _all_checks():
     torch.manual_seed(0)
     return {"equivalence": _check_equivalence(), "dropout": _check_dropout_regions(),
-            "recompute": _check_recompute_bits(), "pipeline": _check_pipeline_stages()}
+            "recompute": _check_recompute_bits(), "pipeline": _check_pipeline_stages(),
+            "llama": _check_equivalence("llama"), "llama pipeline": _check_pipeline_stages("llama")}
 
 
 def test_model_tensor_and_pipeline_parallel_equivalence():
@@ -276,22 +301,25 @@ def test_model_tensor_and_pipeline_parallel_equivalence():
         eq = r["equivalence"]
         assert set(eq) == {"TP=1", "TP=1 frozen", "TP=2", "TP=2 SP", "TP=4", "padding"}
         assert eq["padding"] == [2, 4]
-        ref, frozen = eq["TP=1"], eq["TP=1 frozen"]
-        for name in ("TP=2", "TP=2 SP", "TP=4"):
-            assert len(eq[name]) == STEPS
-            for step, (got, want) in enumerate(zip(eq[name], ref)):
-                assert abs(got - want) <= 1e-5 * abs(want), (rank, name, step, eq[name], ref)
-        # The SGD steps moved the later losses by over 100 times that tolerance, so a
-        # wrong gradient at any TP size would have shown in them.
-        assert frozen[0] == ref[0], (frozen, ref)
-        for step in range(1, STEPS):
-            assert abs(ref[step] - frozen[step]) > 1e-3 * abs(frozen[step]), (step, ref, frozen)
+        assert set(r["llama"]) == {"TP=1", "TP=1 frozen", "TP=2", "TP=2 SP"}
+        for family, eq in (("gpt", eq), ("llama", r["llama"])):
+            ref, frozen = eq["TP=1"], eq["TP=1 frozen"]
+            for name in set(eq) - {"TP=1", "TP=1 frozen", "padding"}:
+                assert len(eq[name]) == STEPS
+                for step, (got, want) in enumerate(zip(eq[name], ref)):
+                    assert abs(got - want) <= 1e-5 * abs(want), (rank, family, name, step, eq[name], ref)
+            # The SGD steps moved the later losses by over 100 times that tolerance, so a
+            # wrong gradient at any TP size would have shown in them.
+            assert frozen[0] == ref[0], (family, frozen, ref)
+            for step in range(1, STEPS):
+                assert abs(ref[step] - frozen[step]) > 1e-3 * abs(frozen[step]), \
+                    (family, step, ref, frozen)
         d = r["dropout"]
         assert all(d["replicated_equal"].values()), (rank, d)
         assert d["split_equal_eval"] and not d["split_equal_train"], (rank, d)
         assert d["sp_embedding_equal_eval"] and not d["sp_embedding_equal_train"], (rank, d)
         assert r["recompute"] == {"full": True, "selective": True}, (rank, r["recompute"])
     # Rank r holds pipeline rank (r // 2); chunk v of pipeline rank p holds layer 2v + p.
-    assert [r["pipeline"] for r in results] == [
+    assert [r["pipeline"] for r in results] == [r["llama pipeline"] for r in results] == [
         [(0, 1, True, False), (2, 3, False, False)], [(0, 1, True, False), (2, 3, False, False)],
         [(1, 2, False, False), (3, 4, False, True)], [(1, 2, False, False), (3, 4, False, True)]]

@@ -21,7 +21,7 @@ from megatron.checkpoint.integrity import MANIFEST, read_manifest, verify_iterat
 from megatron.checkpoint.hf_gpt2 import export_to_hf, import_from_hf
 from megatron.checkpoint.rank_state import (CHECKPOINT_VERSION, build_rank_state, get_rng_state,
                                             model_keys, set_rng_state)
-from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards,
+from megatron.checkpoint.reshard import (OUTPUT_LAYER_KEY, WORD_EMBEDDINGS_KEY, CheckpointShards,
                                          merge_model_state, split_tensor)
 from megatron.checkpoint.save_load import load_checkpoint, save_checkpoint
 
@@ -29,6 +29,6 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_latest
            "list_checkpoints", "existing_iteration_dir", "iteration_dir", "rank_dir_name",
            "shard_files", "LATEST", "MODEL_FILE", "CHECKPOINT_VERSION", "atomic_write",
            "load_file", "get_rng_state", "set_rng_state", "build_rank_state", "model_keys",
-           "WORD_EMBEDDINGS_KEY", "CheckpointShards", "merge_model_state", "split_tensor",
+           "WORD_EMBEDDINGS_KEY", "OUTPUT_LAYER_KEY", "CheckpointShards", "merge_model_state", "split_tensor",
            "convert_checkpoint", "build_rank_files", "write_checkpoint", "export_to_hf",
            "import_from_hf", "MANIFEST", "read_manifest", "verify_iteration"]

@@ -17,8 +17,9 @@ from megatron.checkpoint.integrity import write_manifest
 from megatron.checkpoint.rank_state import build_rank_state, fresh_rng_state, parallel_sizes
 from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards,
                                          merge_model_state, merge_optimizer_state,
-                                         resize_optimizer_vocab, resize_vocab, split_model_state,
-                                         split_optimizer_state, target_padded_vocab)
+                                         resize_optimizer_vocab, resize_vocab_tensors,
+                                         split_model_state, split_optimizer_state,
+                                         target_padded_vocab)
 from megatron.config import ModelConfig, TrainingConfig
 # A new rank starts its dropout streams where mpu.model_parallel_seed would.
 from megatron.mpu.random import rank_seeds
@@ -87,6 +88,10 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
     if heads % tp != 0:
         raise CheckpointError(f"num_attention_heads={heads} is not divisible by target "
                               f"tensor_model_parallel_size={tp}")
+    groups = config["model"].get("num_query_groups")
+    if groups and int(groups) % tp != 0:
+        raise CheckpointError(f"num_query_groups={groups} is not divisible by target "
+                              f"tensor_model_parallel_size={tp}")
     cfg = copy.deepcopy(config)
     par = cfg.setdefault("parallel", {})
     par["tensor_model_parallel_size"] = tp
@@ -95,7 +100,7 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
     if optimizer is not None:
         par["distributed_optimizer"] = False  # the resharded state is the plain optimizer's
     seed = int((cfg.get("training") or {}).get("seed", TrainingConfig().seed))
-    shards = split_model_state(full_model, num_layers, tp, pp, vp)
+    shards = split_model_state(full_model, num_layers, tp, pp, vp, config=config)
     out = {}
     for (tp_rank, pp_rank), chunk_states in shards.items():
         out[(tp_rank, pp_rank)] = build_rank_state(
@@ -103,7 +108,7 @@ def build_rank_files(config, iteration, consumed_samples, full_model, tp, pp, vp
             parallel=parallel_sizes(tp, pp, vp, 1),
             rng_state=_rng_for(rng_states, seed, tp_rank, pp_rank),
             scheduler_state=scheduler_state, model_states=chunk_states,
-            optimizer_state=(split_optimizer_state(optimizer, chunk_states, tp, tp_rank)
+            optimizer_state=(split_optimizer_state(optimizer, chunk_states, tp, tp_rank, config)
                              if optimizer is not None else None),
             extra=extra)
     return out
@@ -130,7 +135,7 @@ def convert_checkpoint(load_dir, save_dir, tp, pp, vp=1, include_optimizer=False
     divisible_by = model_cfg.get("make_vocab_size_divisible_by",
                                  ModelConfig().make_vocab_size_divisible_by)
     rows = target_padded_vocab(true_vocab, divisible_by, tp)
-    full[WORD_EMBEDDINGS_KEY] = resize_vocab(full[WORD_EMBEDDINGS_KEY], rows)
+    resize_vocab_tensors(full, rows)
     optimizer = None
     if include_optimizer:
         optimizer = merge_optimizer_state(shards, full)

@@ -141,13 +141,31 @@ def _write_tokenizer_files(tok_cfg, out_dir, n_positions):
     return written
 
 
+# The model options of GPT-2's block (megatron.config.ModelConfig's defaults).
+_GPT2_BLOCK = {"position_embedding_type": "learned", "normalization": "LayerNorm",
+               "activation": "gelu_tanh", "num_query_groups": None, "add_bias_linear": True,
+               "untie_embeddings_and_output_weights": False}
+
+
+def _require_gpt2_block(model_cfg, load_dir):
+    """CheckpointError naming the first model option that GPT2LMHeadModel cannot hold."""
+    for key, gpt2 in _GPT2_BLOCK.items():
+        value = model_cfg.get(key, gpt2)
+        if key == "num_query_groups" and value == model_cfg.get("num_attention_heads"):
+            value = None  # one group per head is plain multi-head attention
+        if value != gpt2:
+            raise CheckpointError(f"checkpoint {load_dir} has model.{key}={value!r}; Hugging Face "
+                                  f"GPT-2 export needs {gpt2!r} (a GPT-2 block)")
+
+
 def export_to_hf(load_dir, save_dir, vocab_size=None, log=print):
     """Write ``save_dir`` (config.json, model.safetensors, tokenizer files) from any checkpoint layout."""
     from transformers import GPT2LMHeadModel
     from megatron.checkpoint.convert import tokenizer_of
     shards = CheckpointShards(load_dir)
-    full = merge_model_state(shards)
     model_cfg = shards.config.get("model") or {}
+    _require_gpt2_block(model_cfg, load_dir)
+    full = merge_model_state(shards)
     rows = full[WORD_EMBEDDINGS_KEY].shape[0]
     tokenizer = tokenizer_of(shards.config)
     vocab = vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)

@@ -5,14 +5,20 @@ so merging is: concatenate each tensor-parallel tensor along its partition dim
 over TP ranks, take replicated tensors from TP rank 0, and take the union of
 the pipeline stages. Splitting is the reverse. Two details:
 
-* The QKV projection's output columns are ordered per head ([np, 3, hn]), so a
-  contiguous split of dim 0 gives each rank whole heads: no reordering needed.
-* The word embedding is padded to a multiple of ``make_vocab_size_divisible_by``
-  x TP. Merged states keep the source padding; ``resize_vocab`` adds zero rows
-  or drops padding rows (never rows of real tokens) for another layout. The
-  loss is unchanged even when the padded sizes differ: the model masks the
-  logits of the padding ids (GPTModel's ``vocab_size``), so padding rows take
-  no part in the softmax and their values do not matter.
+* The QKV projection's output columns are ordered per query group
+  ([ng, np / ng + 2, hn]: the group's query heads, its key, its value; GPT-2's
+  per-head [np, 3, hn] when ng = np), so a contiguous split of dim 0 gives each
+  rank whole groups: no reordering needed.
+* SwiGLU's ``dense_h_to_4h`` is [gate; up] in the full state and [gate_r; up_r]
+  on TP rank r: split and merged with stride 2 (``partition_stride``), each half
+  on its own. The partition rules therefore take the checkpoint's config.
+* The word embedding (and the untied ``output_layer``) is padded to a multiple of
+  ``make_vocab_size_divisible_by`` x TP. Merged states keep the source padding;
+  ``resize_vocab`` adds zero rows or drops padding rows (never rows of real
+  tokens) for another layout. The loss is unchanged even when the padded sizes
+  differ: the model masks the logits of the padding ids (GPTModel's
+  ``vocab_size``), so padding rows take no part in the softmax and their values
+  do not matter.
 
 The same rules apply to the Adam moments and fp32 master weights, which follow
 their parameters.
@@ -26,22 +32,29 @@ from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, iter
                                        rank_dir_name, read_latest_iteration, shard_files)
 from megatron.checkpoint.integrity import load_verified, read_manifest
 from megatron.checkpoint.rank_state import model_states
+from megatron.mpu import stride_merge, stride_shard
 from megatron.optimizer import (HALF_DTYPES, clone_if_tensor, full_state_from_shards,
                                 is_no_weight_decay)
 
-# The state-dict key of the (vocabulary-padded, TP-split) word embedding.
+# The state-dict keys of the (vocabulary-padded, TP-split) word embedding and of
+# the untied output layer (model.untie_embeddings_and_output_weights).
 WORD_EMBEDDINGS_KEY = "embedding.word_embeddings.weight"
+OUTPUT_LAYER_KEY = "output_layer.weight"
+VOCAB_KEYS = (WORD_EMBEDDINGS_KEY, OUTPUT_LAYER_KEY)
 
 # Tensors split across TP ranks and their partition dim: column-parallel
 # weights and biases along the output (dim 0), row-parallel weights along the
-# input (dim 1), the vocab-parallel embedding along the vocabulary.
+# input (dim 1), the vocab-parallel embedding and output layer along the vocabulary.
 _PARTITION_DIMS = (
     (re.compile(r"\.self_attention\.query_key_value\.(weight|bias)$"), 0),
     (re.compile(r"\.mlp\.dense_h_to_4h\.(weight|bias)$"), 0),
     (re.compile(r"\.self_attention\.dense\.weight$"), 1),
     (re.compile(r"\.mlp\.dense_4h_to_h\.weight$"), 1),
     (re.compile(r"^embedding\.word_embeddings\.weight$"), 0),
+    (re.compile(r"^output_layer\.weight$"), 0),
 )
+# Gated MLPs (SwiGLU): the input projection is two stacked blocks, [gate; up].
+_GATED = re.compile(r"\.mlp\.dense_h_to_4h\.(weight|bias)$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -51,6 +64,19 @@ def partition_dim(name):
         if pattern.search(name):
             return dim
     return None
+
+
+def partition_stride(name, config=None):
+    """How many stacked blocks tensor ``name`` splits block by block over TP (1: one plain
+    contiguous split). 2 for SwiGLU's ``dense_h_to_4h`` ([gate; up] -> [gate_r; up_r])
+    when ``config`` (a checkpoint's config dict or a Config) has ``model.activation: swiglu``."""
+    if config is None or not _GATED.search(name):
+        return 1
+    if isinstance(config, dict):
+        activation = (config.get("model") or {}).get("activation")
+    else:
+        activation = config.model.activation
+    return 2 if activation == "swiglu" else 1
 
 
 def layer_index(name):
@@ -107,11 +133,11 @@ class CheckpointShards:
             (self.config.get("parallel") or {}).get("distributed_optimizer"))
 
 
-def _merge_tensor(name, pieces):
+def _merge_tensor(name, pieces, config=None):
     dim = partition_dim(name)
     if dim is None or len(pieces) == 1:
         return pieces[0]
-    return torch.cat(pieces, dim=dim)
+    return stride_merge(pieces, dim, partition_stride(name, config))
 
 
 def merge_model_state(shards):
@@ -133,7 +159,7 @@ def merge_model_state(shards):
                 except KeyError:
                     raise CheckpointError(f"checkpoint {shards.root} iteration {shards.iteration}: "
                                           f"{name} is missing from some TP rank of stage {pp_rank}")
-                per_name[name] = _merge_tensor(name, pieces)
+                per_name[name] = _merge_tensor(name, pieces, shards.config)
                 order.append(name)
     return _canonical_order({n: per_name[n] for n in order})
 
@@ -151,6 +177,14 @@ def _canonical_order(state):
     # Stable sort: embedding first, then layers by global index, then the final
     # LayerNorm, each keeping the model's own order inside a layer.
     return dict(sorted(state.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def resize_vocab_tensors(state, rows):
+    """Re-pad, in the dict ``state``, each vocabulary tensor present (VOCAB_KEYS) to ``rows``."""
+    for key in VOCAB_KEYS:
+        if key in state:
+            state[key] = resize_vocab(state[key], rows)
+    return state
 
 
 def resize_vocab(tensor, rows):
@@ -177,6 +211,8 @@ def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
     start, end = stage_layer_range(num_layers, pp, pp_rank, vp if vp > 1 else None, vp_rank)
     first = pp_rank == 0 and vp_rank == 0
     last = pp_rank == pp - 1 and vp_rank == vp - 1
+    # The last stage keeps a copy of the word embedding only when it is the output layer.
+    tied_copy = last and not first and OUTPUT_LAYER_KEY not in full_names
     names = []
     for n in full_names:
         i = layer_index(n)
@@ -184,11 +220,11 @@ def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
             if start <= i < end:
                 names.append(n)
         elif n.startswith("embedding."):
-            if first or (last and n == WORD_EMBEDDINGS_KEY):
+            if first or (tied_copy and n == WORD_EMBEDDINGS_KEY):
                 names.append(n)
         elif last:
             names.append(n)
-    if last and not first:
+    if tied_copy:
         # The last stage's copy of the word embedding sits before its layers,
         # as in GPTModel (its embedding module is built first).
         names.remove(WORD_EMBEDDINGS_KEY)
@@ -196,29 +232,34 @@ def chunk_names(full_names, num_layers, pp, vp, pp_rank, vp_rank):
     return names
 
 
-def split_tensor(name, tensor, tp, tp_rank):
-    """TP rank ``tp_rank``'s shard of full tensor ``name``."""
+def split_tensor(name, tensor, tp, tp_rank, config=None):
+    """TP rank ``tp_rank``'s shard of full tensor ``name`` (``config``: the checkpoint's,
+    for the stride of SwiGLU's stacked [gate; up], see ``partition_stride``)."""
     dim = partition_dim(name)
     if dim is None or tp == 1:
         return tensor.clone()
+    stride = partition_stride(name, config)
     size = tensor.shape[dim]
-    if size % tp != 0:
+    if size % (tp * stride) != 0:
         raise CheckpointError(f"{name} has size {size} along dim {dim}, not divisible by "
-                              f"tensor_model_parallel_size={tp}")
-    return tensor.chunk(tp, dim=dim)[tp_rank].clone()
+                              f"tensor_model_parallel_size={tp}"
+                              + (f" x {stride} stacked blocks" if stride > 1 else ""))
+    return stride_shard(tensor, dim, tp, tp_rank, stride).clone()
 
 
-def split_model_state(full, num_layers, tp, pp, vp=1):
+def split_model_state(full, num_layers, tp, pp, vp=1, config=None):
     """``{(tp_rank, pp_rank): [chunk state dict per virtual chunk]}`` for the target layout.
 
-    ``full`` must already have the target's vocabulary padding.
+    ``full`` must already have the target's vocabulary padding; ``config`` is the
+    checkpoint's (``partition_stride``).
     """
     out = {}
     names = list(full)
     for pp_rank in range(pp):
         chunks_names = [chunk_names(names, num_layers, pp, vp, pp_rank, v) for v in range(vp)]
         for tp_rank in range(tp):
-            out[(tp_rank, pp_rank)] = [{n: split_tensor(n, full[n], tp, tp_rank) for n in cn}
+            out[(tp_rank, pp_rank)] = [{n: split_tensor(n, full[n], tp, tp_rank, config)
+                                        for n in cn}
                                        for cn in chunks_names]
     return out
 
@@ -341,10 +382,11 @@ def merge_optimizer_state(shards, full_model):
             continue
         pieces = named[name]
         keys = pieces[0].keys()
-        params[name] = {k: (_merge_tensor(name, [pieces[t][k] for t in range(shards.tp)])
+        params[name] = {k: (_merge_tensor(name, [pieces[t][k] for t in range(shards.tp)],
+                                          shards.config)
                             if torch.is_tensor(pieces[0][k]) and pieces[0][k].dim() > 0
                             else pieces[0][k]) for k in keys}
-    merged_masters = {name: _merge_tensor(name, [m[t] for t in range(shards.tp)])
+    merged_masters = {name: _merge_tensor(name, [m[t] for t in range(shards.tp)], shards.config)
                       for name, m in masters.items()}
     return {"params": params, "masters": merged_masters, "groups": groups,
             "grad_scaler": per_rank[(0, 0)].get("grad_scaler"),
@@ -352,19 +394,19 @@ def merge_optimizer_state(shards, full_model):
 
 
 def resize_optimizer_vocab(opt, rows):
-    """Re-pad the word embedding's optimizer tensors to ``rows`` rows."""
-    st = opt["params"].get(WORD_EMBEDDINGS_KEY)
-    if st is not None:
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0:
-                st[k] = resize_vocab(v, rows)
-    masters = opt["masters"]
-    if WORD_EMBEDDINGS_KEY in masters:
-        masters[WORD_EMBEDDINGS_KEY] = resize_vocab(masters[WORD_EMBEDDINGS_KEY], rows)
+    """Re-pad the optimizer tensors of the vocabulary tensors (VOCAB_KEYS) to ``rows`` rows."""
+    for key in VOCAB_KEYS:
+        st = opt["params"].get(key)
+        if st is not None:
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = resize_vocab(v, rows)
+    resize_vocab_tensors(opt["masters"], rows)
 
 
-def split_optimizer_state(opt, chunk_states, tp, tp_rank):
-    """The optimizer ``state_dict()`` of one target rank holding ``chunk_states``."""
+def split_optimizer_state(opt, chunk_states, tp, tp_rank, config=None):
+    """The optimizer ``state_dict()`` of one target rank holding ``chunk_states``
+    (``config``: the checkpoint's, see ``partition_stride``)."""
     decay, no_decay = optimizer_param_order(chunk_states)
     order = decay + no_decay
     state = {}
@@ -372,12 +414,13 @@ def split_optimizer_state(opt, chunk_states, tp, tp_rank):
         st = opt["params"].get(name)
         if st is None:
             continue
-        state[idx] = {k: (split_tensor(name, v, tp, tp_rank) if torch.is_tensor(v) and v.dim() > 0
+        state[idx] = {k: (split_tensor(name, v, tp, tp_rank, config)
+                          if torch.is_tensor(v) and v.dim() > 0
                           else clone_if_tensor(v)) for k, v in st.items()}
     groups = _numbered_groups(opt["groups"], decay, no_decay)
     out = {"optimizer": {"state": state, "param_groups": groups},
            "grad_scaler": opt["grad_scaler"]}
     if opt["has_masters"]:
-        out["fp32_from_fp16_params"] = [split_tensor(n, opt["masters"][n], tp, tp_rank)
+        out["fp32_from_fp16_params"] = [split_tensor(n, opt["masters"][n], tp, tp_rank, config)
                                         for n in order if n in opt["masters"]]
     return out

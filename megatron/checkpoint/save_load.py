@@ -128,7 +128,9 @@ def _check_layout(path, saved, cfg, model_chunks):
                 f"(convert it with tools/checkpoint_convert.py)")
     saved_model = saved.get("config", {}).get("model", {})
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-                "max_position_embeddings"):
+                "max_position_embeddings", "position_embedding_type", "normalization",
+                "activation", "num_query_groups", "add_bias_linear",
+                "untie_embeddings_and_output_weights"):
         mine = getattr(cfg.model, key)
         if key in saved_model and saved_model[key] != mine:
             raise CheckpointError(f"checkpoint {path} has model.{key}={saved_model[key]} but the "

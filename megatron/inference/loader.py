@@ -13,7 +13,7 @@ import torch
 from megatron import mpu
 from megatron.checkpoint import CheckpointError
 from megatron.checkpoint.reshard import (WORD_EMBEDDINGS_KEY, CheckpointShards, merge_model_state,
-                                         resize_vocab, split_tensor, target_padded_vocab)
+                                         resize_vocab_tensors, split_tensor, target_padded_vocab)
 from megatron.utils import DTYPES
 
 
@@ -95,7 +95,7 @@ def load_inference_model(load_dir, device=None, dtype=None, iteration=None, toke
         raise CheckpointError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the "
                               f"checkpoint's {full[WORD_EMBEDDINGS_KEY].shape[0]} embedding rows")
     rows = target_padded_vocab(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
-    full[WORD_EMBEDDINGS_KEY] = resize_vocab(full[WORD_EMBEDDINGS_KEY], rows)
+    resize_vocab_tensors(full, rows)  # the word embedding and an untied output layer
 
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, 1
@@ -107,7 +107,7 @@ def load_inference_model(load_dir, device=None, dtype=None, iteration=None, toke
     # logits and anything sampled from them only ever cover real ids.
     with torch.device("meta"):
         model = GPTModel(cfg, rows, vocab_size=tokenizer.vocab_size)
-    state = {n: split_tensor(n, t, tp, tp_rank) for n, t in full.items()}
+    state = {n: split_tensor(n, t, tp, tp_rank, shards.config) for n, t in full.items()}
     missing = [n for n in model.state_dict() if n not in state]
     if missing:
         raise CheckpointError(f"checkpoint {load_dir} lacks {missing[:3]}")

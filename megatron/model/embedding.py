@@ -1,4 +1,4 @@
-"""GPT-2 input embedding: vocab-parallel word embeddings plus learned positions."""
+"""Input embedding: vocab-parallel word embeddings plus learned positions (none with RoPE)."""
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +44,9 @@ def build_word_embeddings(cfg, padded_vocab_size):
 class Embedding(torch.nn.Module):
     """Word + position embeddings and dropout; returns hidden states [s, b, h].
 
+    The learned position table exists only for ``position_embedding_type:
+    learned``; with RoPE, positions enter in attention instead (model/rotary.py).
+
     With ``sequence_parallel`` the output is this rank's sequence shard
     [s/tp, b, h] and its dropout runs under the model-parallel RNG (each rank
     drops different positions of a different shard). Without it, the output is
@@ -55,18 +58,21 @@ class Embedding(torch.nn.Module):
         super().__init__()
         m = cfg.model
         self.word_embeddings = build_word_embeddings(cfg, padded_vocab_size)
-        max_positions = m.max_position_embeddings or m.seq_length
-        with seeded_init(cfg.training.seed, SEED_SLOT_POSITION_EMBEDDINGS):
-            self.position_embeddings = torch.nn.Embedding(max_positions, m.hidden_size)
-            init_method_normal(m.init_method_std)(self.position_embeddings.weight.data)
+        self.position_embeddings = None
+        if m.position_embedding_type == "learned":
+            max_positions = m.max_position_embeddings or m.seq_length
+            with seeded_init(cfg.training.seed, SEED_SLOT_POSITION_EMBEDDINGS):
+                self.position_embeddings = torch.nn.Embedding(max_positions, m.hidden_size)
+                init_method_normal(m.init_method_std)(self.position_embeddings.weight.data)
         self.dropout = m.hidden_dropout
         self.sequence_parallel = sequence_parallel
 
     def forward(self, input_ids, position_ids):
         """input_ids, position_ids: [b, s] -> [s, b, h] (or [s/tp, b, h] with SP)."""
-        words = self.word_embeddings(input_ids)
-        positions = self.position_embeddings(position_ids)
-        x = (words + positions).transpose(0, 1).contiguous()
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        x = x.transpose(0, 1).contiguous()
         if self.sequence_parallel:
             x = mpu.scatter_to_sequence_parallel_region(x)
         with dropout_rng_context(self.sequence_parallel, self.training and self.dropout > 0):

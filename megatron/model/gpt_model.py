@@ -1,12 +1,16 @@
-"""GPTModel: GPT-2 built from tensor-parallel layers, one pipeline chunk at a time."""
+"""GPTModel: a GPT-2 (or Llama-style) decoder built from tensor-parallel layers, one pipeline
+chunk at a time."""
 import torch
 import torch.nn.functional as F
 
-from megatron import fused_kernels, mpu
-from megatron.model.embedding import Embedding, build_word_embeddings
+from megatron import mpu
+from megatron.model.embedding import Embedding, build_word_embeddings, prefix_stable_init_normal
+from megatron.model.norms import build_norm
+from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import ParallelTransformerLayer
-from megatron.model.utils import (SEED_SLOT_FINAL_LAYERNORM, layer_position, mark_replicated,
-                                  mark_sequence_parallel, seeded_init, stage_layer_range)
+from megatron.model.utils import (SEED_SLOT_FINAL_LAYERNORM, SEED_SLOT_OUTPUT_LAYER,
+                                  layer_position, mark_replicated, mark_sequence_parallel,
+                                  seeded_init, stage_layer_range)
 
 RECOMPUTE_CHOICES = ("none", "full", "selective")
 
@@ -20,6 +24,13 @@ def check_model_layout(cfg, padded_vocab_size, tensor_parallel_size):
         raise ValueError(f"hidden_size={h} is not divisible by num_attention_heads={heads}")
     if heads % tp != 0:
         raise ValueError(f"num_attention_heads={heads} is not divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    groups = m.query_groups()
+    if heads % groups != 0:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by "
+                         f"num_query_groups={groups}")
+    if groups % tp != 0:
+        raise ValueError(f"num_query_groups={groups} is not divisible by "
                          f"tensor_model_parallel_size={tp}")
     if ffn % tp != 0:
         raise ValueError(f"ffn_hidden_size={ffn} is not divisible by "
@@ -40,12 +51,16 @@ def check_model_layout(cfg, padded_vocab_size, tensor_parallel_size):
 
 
 class GPTModel(torch.nn.Module):
-    """GPT-2 (learned positions, pre-LN layers, final LN, output layer tied to the word embedding).
+    """GPT-2 (learned positions, pre-LN layers, final LN, output layer tied to the word embedding),
+    or with ``cfg.model``'s options a Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query
+    attention, no biases, an untied ``output_layer``); docs/models.md lists them.
 
     One instance is one pipeline model chunk: the layers it holds are chosen
     from ``mpu.parallel_state`` (pipeline rank and virtual rank), the embedding
-    exists when ``pre_process``, the final LayerNorm, output layer and loss when
-    ``post_process``. Every module is initialized from a seed derived from
+    exists when ``pre_process``, the final norm, output layer and loss when
+    ``post_process``. The untied output layer (``output_layer.weight``, its own
+    init seed) is vocab-parallel like the word embedding and goes through the same
+    gather, matmul and padding mask. Every module is initialized from a seed derived from
     ``cfg.training.seed`` and its global position, and parameter names use
     global layer indices, so weights and ``state_dict`` keys do not depend on
     the TP / PP layout.
@@ -91,17 +106,21 @@ class GPTModel(torch.nn.Module):
             vp_size, ps.get_virtual_pipeline_model_parallel_rank())
         self.layer_range = (start, end)
 
+        self.untied = bool(cfg.model.untie_embeddings_and_output_weights)
         if pre_process:
             self.embedding = Embedding(cfg, padded_vocab_size, self.sequence_parallel)
-        elif post_process:
+        elif post_process and not self.untied:
             # A last stage that is not the first keeps its own copy of the word
             # embedding for the output layer, initialized equal to the first
             # stage's (same seed); the embedding group keeps their grads equal.
             self.embedding = torch.nn.Module()
             self.embedding.word_embeddings = build_word_embeddings(cfg, padded_vocab_size)
             self.embedding.word_embeddings.weight.shared_embedding = True
-        if pre_process or post_process:
+        if (pre_process or post_process) and not self.untied:
             self.embedding.word_embeddings.weight.tied_embedding = True
+        self.rotary = None
+        if cfg.model.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(cfg.model.rotary_dim(), cfg.model.rotary_base)
 
         layers = {}
         for i in range(start, end):
@@ -114,10 +133,17 @@ class GPTModel(torch.nn.Module):
 
         if post_process:
             with seeded_init(cfg.training.seed, SEED_SLOT_FINAL_LAYERNORM):
-                self.final_layernorm = fused_kernels.LayerNorm(
-                    cfg.model.hidden_size, eps=cfg.model.layernorm_epsilon)
+                self.final_layernorm = build_norm(cfg.model)
             if self.sequence_parallel:
                 mark_sequence_parallel(self.final_layernorm.parameters())
+            if self.untied:
+                # A column-parallel linear is the vocab-parallel weight [V/tp, h] with its
+                # TP marks; _output_layer applies it (no bias) as it does the tied one.
+                with seeded_init(cfg.training.seed, SEED_SLOT_OUTPUT_LAYER):
+                    self.output_layer = mpu.ColumnParallelLinear(
+                        cfg.model.hidden_size, padded_vocab_size, bias=False,
+                        gather_output=False,
+                        init_method=prefix_stable_init_normal(cfg.model.init_method_std))
         mark_replicated(self)
 
     def set_input_tensor(self, input_tensor):
@@ -128,18 +154,28 @@ class GPTModel(torch.nn.Module):
         self.input_tensor = input_tensor
 
     def word_embeddings_weight(self):
-        """The (local shard of the) word-embedding weight used by the output layer."""
+        """The (local shard of the) word-embedding weight (the tied output layer's)."""
         return self.embedding.word_embeddings.weight
+
+    def output_weight(self):
+        """The (local shard of the) output layer's weight [V/tp, h]: the untied
+        ``output_layer``'s, else the word embedding's."""
+        return self.output_layer.weight if self.untied else self.word_embeddings_weight()
+
+    def _default_position_ids(self, input_ids, inference_params):
+        # 0..s-1, after the cached positions when generating with a key-value cache.
+        start = inference_params.sequence_len_offset if inference_params is not None else 0
+        position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return position_ids.unsqueeze(0).expand_as(input_ids)
 
     def forward(self, input_ids, position_ids=None, labels=None, inference_params=None):
         """See the class docstring; ``position_ids`` None means 0..s-1 (after the
         cached positions when ``inference_params``, a key-value cache, is given)."""
+        if position_ids is None and (self.pre_process or self.rotary is not None):
+            position_ids = self._default_position_ids(input_ids, inference_params)
+        # RoPE: every stage rotates with the batch's own positions.
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
         if self.pre_process:
-            if position_ids is None:
-                start = inference_params.sequence_len_offset if inference_params is not None else 0
-                position_ids = torch.arange(start, start + input_ids.shape[1],
-                                            device=input_ids.device)
-                position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
             hidden_states = self.embedding(input_ids, position_ids)
         else:
             if self.input_tensor is None:
@@ -149,11 +185,11 @@ class GPTModel(torch.nn.Module):
 
         for layer in self.layers.values():
             if inference_params is not None:
-                hidden_states = layer(hidden_states, inference_params=inference_params)
+                hidden_states = layer(hidden_states, rotary, inference_params=inference_params)
             elif self.recompute == "full" and self.training and torch.is_grad_enabled():
-                hidden_states = mpu.checkpoint(layer, hidden_states)
+                hidden_states = mpu.checkpoint(layer, hidden_states, rotary)
             else:
-                hidden_states = layer(hidden_states)
+                hidden_states = layer(hidden_states, rotary)
 
         if not self.post_process:
             return hidden_states
@@ -169,7 +205,7 @@ class GPTModel(torch.nn.Module):
                 hidden_states, tensor_parallel_output_grad=True)
         else:
             hidden_states = mpu.copy_to_tensor_model_parallel_region(hidden_states)
-        logits = F.linear(hidden_states, self.word_embeddings_weight())  # [s, b, V/tp]
+        logits = F.linear(hidden_states, self.output_weight())  # [s, b, V/tp]
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()

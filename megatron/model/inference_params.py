@@ -9,7 +9,8 @@ class InferenceParams:
     the first call takes the prompt (positions 0..s-1), each later call only
     the new tokens; ``sequence_len_offset`` is the number of cached positions
     and must be advanced by the caller (``advance``) after each forward.
-    Caches are allocated lazily per attention module, [b, np/tp, max_len, hn].
+    Caches are allocated lazily per attention module, [b, ng/tp, max_len, hn]: one
+    per K/V head (query group; ng = np for multi-head attention).
     """
 
     def __init__(self, max_batch_size, max_sequence_length):

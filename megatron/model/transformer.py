@@ -1,15 +1,19 @@
-"""One pre-LayerNorm GPT-2 transformer layer built from tensor-parallel parts."""
+"""One pre-norm transformer layer (GPT-2's, or a Llama-style one) built from tensor-parallel parts."""
 import torch
 
 from megatron import fused_kernels
 from megatron.model.attention import ParallelAttention
 from megatron.model.mlp import ParallelMLP
+from megatron.model.norms import build_norm
 from megatron.model.utils import (dropout_rng_context, init_method_normal,
                                   mark_sequence_parallel, scaled_init_method_normal)
 
 
 class ParallelTransformerLayer(torch.nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)), with dropout on each residual branch.
+    """x + Attn(Norm(x)), then x + MLP(Norm(x)), with dropout on each residual branch.
+
+    The norm (LayerNorm / RMSNorm), the attention's query groups and the MLP's
+    activation follow ``cfg.model``; biases exist when ``model.add_bias_linear``.
 
     Hidden states are [s, b, h], or [s/tp, b, h] with sequence parallelism,
     where the LayerNorms and residual dropouts act on this rank's sequence
@@ -26,13 +30,15 @@ class ParallelTransformerLayer(torch.nn.Module):
         output_init = scaled_init_method_normal(m.init_method_std, m.num_layers)
         self.hidden_dropout = m.hidden_dropout
         self.sequence_parallel = sequence_parallel
-        self.input_layernorm = fused_kernels.LayerNorm(h, eps=m.layernorm_epsilon)
+        self.input_layernorm = build_norm(m)
         self.self_attention = ParallelAttention(
             h, m.num_attention_heads, m.attention_dropout, init, output_init,
             sequence_parallel=sequence_parallel,
-            selective_recompute=(cfg.training.recompute == "selective"))
-        self.post_attention_layernorm = fused_kernels.LayerNorm(h, eps=m.layernorm_epsilon)
-        self.mlp = ParallelMLP(h, ffn, init, output_init, sequence_parallel=sequence_parallel)
+            selective_recompute=(cfg.training.recompute == "selective"),
+            num_query_groups=m.num_query_groups, bias=m.add_bias_linear)
+        self.post_attention_layernorm = build_norm(m)
+        self.mlp = ParallelMLP(h, ffn, init, output_init, sequence_parallel=sequence_parallel,
+                               activation=m.activation, bias=m.add_bias_linear)
         if sequence_parallel:
             mark_sequence_parallel([*self.input_layernorm.parameters(),
                                     *self.post_attention_layernorm.parameters(),
@@ -45,9 +51,10 @@ class ParallelTransformerLayer(torch.nn.Module):
         return dropout_rng_context(self.sequence_parallel,
                                    self.training and self.hidden_dropout > 0)
 
-    def forward(self, hidden_states, inference_params=None):
-        """[s(/tp), b, h] -> [s(/tp), b, h]; ``inference_params``: optional key-value cache."""
-        out, bias = self.self_attention(self.input_layernorm(hidden_states),
+    def forward(self, hidden_states, rotary=None, inference_params=None):
+        """[s(/tp), b, h] -> [s(/tp), b, h]; ``rotary``: the RoPE (cos, sin) tables or None;
+        ``inference_params``: optional key-value cache."""
+        out, bias = self.self_attention(self.input_layernorm(hidden_states), rotary=rotary,
                                         inference_params=inference_params)
         with self._residual_rng():
             hidden_states = fused_kernels.bias_dropout_add(

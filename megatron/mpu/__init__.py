@@ -71,6 +71,8 @@ from .layers import (
     copy_tensor_model_parallel_attributes,
     set_defaults_if_not_set_tensor_model_parallel_attributes,
     set_tensor_model_parallel_attributes,
+    stride_merge,
+    stride_shard,
 )
 from .cross_entropy import vocab_parallel_cross_entropy
 from .random import (

@@ -46,9 +46,13 @@ def copy_tensor_model_parallel_attributes(destination, source):
             setattr(destination, name, getattr(source, name))
 
 
-def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
+def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device, stride=1):
     """A Parameter holding this rank's slice (along ``partition_dim``) of a full
-    fp32 master weight of ``shape``, initialized on the CPU by ``init_method``."""
+    fp32 master weight of ``shape``, initialized on the CPU by ``init_method``.
+
+    With ``stride`` k the master is k stacked blocks (e.g. SwiGLU's [gate; up]) and
+    the rank keeps its slice of each block, in order: ``stride_shard``.
+    """
     world_size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     if (torch.device(device).type if device is not None
@@ -58,17 +62,35 @@ def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
         shard_shape = list(shape)
         shard_shape[partition_dim] //= world_size
         weight = torch.nn.Parameter(torch.empty(shard_shape, dtype=params_dtype, device="meta"))
-        set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
+        set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
         return weight
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         init_method(master)
-    shard = master.chunk(world_size, dim=partition_dim)[rank]
+    shard = stride_shard(master, partition_dim, world_size, rank, stride)
     # A copy, not a view: a view would keep the whole master weight alive.
     shard = shard.to(device=device, dtype=params_dtype, copy=True).contiguous()
     weight = torch.nn.Parameter(shard, requires_grad=True)
-    set_tensor_model_parallel_attributes(weight, True, partition_dim, 1)
+    set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
     return weight
+
+
+def stride_shard(full, dim, world_size, rank, stride=1):
+    """Rank ``rank``'s shard of ``full`` along ``dim``: with ``stride`` k, ``full`` is k
+    equal blocks and the shard is the concatenation of the rank's slice of each block
+    ([gate; up] -> [gate_r; up_r]); with k = 1, the plain contiguous chunk."""
+    if stride == 1:
+        return full.chunk(world_size, dim=dim)[rank]
+    pieces = full.chunk(world_size * stride, dim=dim)
+    return torch.cat([pieces[j * world_size + rank] for j in range(stride)], dim=dim)
+
+
+def stride_merge(shards, dim, stride=1):
+    """The full tensor from every rank's ``stride_shard`` (the inverse of splitting)."""
+    if stride == 1:
+        return torch.cat(shards, dim=dim)
+    blocks = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([b[j] for j in range(stride) for b in blocks], dim=dim)
 
 
 def _divide_by_tp(value, world_size, what):
@@ -130,13 +152,18 @@ class ColumnParallelLinear(torch.nn.Module):
     each rank keeps its columns.
     ``forward`` returns ``(output, bias)``: ``bias`` is None unless
     ``skip_bias_add``, in which case it is returned unadded for a later fused op.
+    ``stride`` k > 1: the output is k stacked blocks (SwiGLU's [gate; up]) and each
+    rank holds its slice of every block, [gate_r; up_r] (``stride_shard``).
     """
 
     def __init__(self, input_size, output_size, *, bias=True, gather_output=True,
                  init_method, skip_bias_add=False, sequence_parallel=False,
-                 params_dtype=torch.float32, device=None):
+                 params_dtype=torch.float32, device=None, stride=1):
         super().__init__()
         world_size = parallel_state.get_tensor_model_parallel_world_size()
+        if stride > 1 and output_size % (world_size * stride) != 0:
+            raise ValueError(f"ColumnParallelLinear output_size ({output_size}) is not divisible "
+                             f"by tensor_model_parallel_size ({world_size}) x stride ({stride})")
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: sequence_parallel=True needs gather_output=False")
         self.input_size = input_size
@@ -147,10 +174,10 @@ class ColumnParallelLinear(torch.nn.Module):
         self.skip_bias_add = skip_bias_add
         self.sequence_parallel = sequence_parallel
         self.weight = _sharded_parameter((output_size, input_size), 0, init_method,
-                                         params_dtype, device)
+                                         params_dtype, device, stride)
         if bias:
             self.bias = _bias(self.output_size_per_partition, params_dtype, device)
-            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
         else:
             self.register_parameter("bias", None)
 

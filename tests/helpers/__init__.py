@@ -5,7 +5,8 @@ from each other (tests/test_house_rules.py checks it).
   (training, resume, checkpoint, conversion, torchrun tests), the re-sharding layout.
 - ``bpe_checkpoint``: a small trained GPT-2 BPE checkpoint at any TP x PP layout
   (generation, evaluation, Hugging Face, server and conversion tests).
-- ``model``: a tiny GPT config and a random batch (model, TP model, collectives tests).
+- ``model``: a tiny GPT config, its Llama-style twin (``llama_cfg``) and a random batch
+  (model, TP model, collectives tests).
 - ``data``: an indexed dataset whose tokens are their own positions (dataset tests).
 - ``tiny_tp``: a tiny tensor-parallel model with its batches, optimizer config and
   training iterations (optimizer, clipping, mixed-precision, distributed-optimizer tests).

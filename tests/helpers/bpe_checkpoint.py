@@ -9,12 +9,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PROMPT = "In the beginning God created"
 
 
-def tiny_bpe_config(seed=1234, seq_length=48):
-    """A 2-layer GPT on the embedded corpus's BPE tokenizer (8192 ids)."""
+def tiny_bpe_config(seed=1234, seq_length=48, model_options=None):
+    """A 2-layer GPT on the embedded corpus's BPE tokenizer (8192 ids); ``model_options``:
+    extra ``model`` fields (e.g. tests.helpers.model.LLAMA_OPTIONS)."""
     from megatron.config import Config
     cfg = Config()
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, seq_length
+    for key, value in (model_options or {}).items():
+        setattr(m, key, value)
     m.hidden_dropout = m.attention_dropout = 0.0
     cfg.tokenizer.type = "GPT2BPETokenizer"
     cfg.tokenizer.vocab_file = os.path.join(REPO, "data", "kjv-vocab.json")
@@ -35,7 +38,7 @@ def corpus_text(num_docs=40):
     return "\n".join(texts)
 
 
-def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1):
+def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1, model_options=None):
     """Train the tiny model a few Adam steps on the corpus and save it at TP x PP.
 
     Returns the trained TP=1 model (eval mode) for reference computations.
@@ -43,7 +46,7 @@ def make_bpe_checkpoint(root, steps=12, seed=1234, tp=1, pp=1):
     from megatron.checkpoint import build_rank_files, write_checkpoint
     from megatron.model import GPTModel
     from megatron.tokenizer import build_tokenizer, padded_vocab_size
-    cfg = tiny_bpe_config(seed)
+    cfg = tiny_bpe_config(seed, model_options=model_options)
     tok = build_tokenizer(cfg.tokenizer)
     model = GPTModel(cfg, padded_vocab_size(tok.vocab_size, 128, 1), vocab_size=tok.vocab_size)
     ids = torch.tensor(tok.tokenize(corpus_text()))

@@ -91,6 +91,6 @@ def full_params(model):
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=mpu.get_tensor_model_parallel_group())
-            t = torch.cat(parts, dim=p.partition_dim)
+            t = mpu.stride_merge(parts, p.partition_dim, getattr(p, "partition_stride", 1))
         out[name.removeprefix("module.")] = t.clone()
     return out

@@ -52,6 +52,13 @@ def tiny_overrides(prefix, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def llama_overrides():
+    """The Llama-style options (tests.helpers.model.LLAMA_OPTIONS) as ``model.key`` overrides,
+    with position ids that restart after each end of document."""
+    from tests.helpers.model import LLAMA_OPTIONS
+    return {**{f"model.{k}": v for k, v in LLAMA_OPTIONS.items()}, "data.reset_position_ids": True}
+
+
 def run_pretrain(overrides, forward_step=None):
     """Build the config and run pretrain() in this process; the history without the sample."""
     import pretrain_gpt
