@@ -24,8 +24,9 @@ setup(
         "xxhash>=3.0",
     ],
     extras_require={
-        # Hugging Face GPT-2 export/import (tools/convert_hf.py).
-        "hf": ["transformers", "safetensors"],
+        # Hugging Face GPT-2 and Llama export/import (tools/convert_hf.py); protobuf lets
+        # transformers read an exported SentencePiece tokenizer.model.
+        "hf": ["transformers", "safetensors", "protobuf"],
         # Triton kernels on CUDA (the CPU paths never need it).
         "gpu": ["triton"],
         # Corpora as Parquet, zstd JSONL or save_to_disk datasets (tools/preprocess_data.py).
@@ -35,7 +36,7 @@ setup(
         # The lm-evaluation-harness model megatron-gpt (megatron-lm-eval).
         "eval": ["lm_eval>=0.4"],
         # The tests also run lm_eval's own hf model (accelerate) and write datasets.
-        "test": ["pytest", "transformers", "safetensors", "triton",
+        "test": ["pytest", "transformers", "safetensors", "protobuf", "triton",
                  "pyarrow", "zstandard", "datasets", "wandb", "lm_eval", "accelerate"],
     },
     entry_points={

@@ -1,8 +1,8 @@
 """The evaluation, generation and server tools on a Llama-style checkpoint (every option on:
 RoPE, RMSNorm, SwiGLU, 2 query groups, no biases, untied output layer) saved as two TP
 shards and merged by the inference loader: cached generation equals uncached, the CLI
-prints the library's text, perplexity equals a direct computation, the server answers;
-the GPT-2 export refuses it in one line."""
+prints the library's text, perplexity equals a direct computation, the server answers
+(its Hugging Face export: tests/test_hf_llama.py)."""
 import http.client
 import json
 import math
@@ -93,12 +93,3 @@ def test_server_answers_with_the_library_text(checkpoint):
         thread.join(timeout=10)
     tokens, _ = generate_tokens(im, im.tokenizer.tokenize(PROMPT), 8, greedy=True)
     assert status == 200 and out["text"] == [im.tokenizer.detokenize(tokens)], out
-
-
-def test_gpt2_export_refuses_a_llama_block(checkpoint, tmp_path):
-    from megatron.checkpoint import CheckpointError, export_to_hf
-    root, _, _ = checkpoint
-    with pytest.raises(CheckpointError, match="position_embedding_type='rope'.*GPT-2") as e:
-        export_to_hf(root, str(tmp_path / "hf"), log=lambda *_: None)
-    assert "\n" not in str(e.value)
-    assert not (tmp_path / "hf").exists()

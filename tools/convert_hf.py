@@ -1,13 +1,17 @@
-"""Convert between our checkpoints and Hugging Face transformers GPT-2 (GPT2LMHeadModel).
+"""Convert between our checkpoints and Hugging Face transformers (GPT2LMHeadModel, LlamaForCausalLM).
 
 Examples:
     python tools/convert_hf.py export --load-dir checkpoints/gpt2_tiny --save-dir hf/gpt2_tiny
-    python tools/convert_hf.py import --hf-dir hf/gpt2_tiny --save-dir checkpoints/from_hf \
-        [--target-tensor-parallel-size 2]
+    python tools/convert_hf.py export --load-dir checkpoints/llama_tiny --save-dir hf/llama_tiny
+    python tools/convert_hf.py import --hf-dir hf/llama_tiny --save-dir checkpoints/from_hf \
+        [--target-tensor-parallel-size 2] [--target-pipeline-parallel-size 2]
 
 Export reads a checkpoint of any TP / PP layout and writes config.json,
-model.safetensors and the tokenizer files; import writes a checkpoint at
-iteration 0 (local directories only, no hub access).
+model.safetensors and the tokenizer files (GPT-2 BPE, tokenizer.json or a SentencePiece
+tokenizer.model); the model's block picks the class: GPT-2's block gives GPT2LMHeadModel,
+Llama's (RoPE, RMSNorm, SwiGLU; any query groups, biases, tying) LlamaForCausalLM. Import
+reads a gpt2 or llama directory and writes a checkpoint at iteration 0 (local directories
+only, no hub access).
 """
 import argparse
 import sys

@@ -10,7 +10,11 @@
     reshard.py     merge any TP / PP layout into one full state and split it again
                    (model and optimizer state, the partition rules)
     convert.py     offline re-sharding (tools/checkpoint_convert.py), writing rank files
-    hf_gpt2.py     Hugging Face transformers GPT-2 export / import (tools/convert_hf.py)
+    hf_convert.py  Hugging Face export / import (tools/convert_hf.py): picks the family
+    hf_gpt2.py     the GPT-2 mapping (GPT2LMHeadModel)
+    hf_llama.py    the Llama mapping (LlamaForCausalLM)
+    hf_files.py    what they share: reading and atomically writing a model directory, the
+                   tokenizer files both ways
 """
 from megatron.checkpoint.convert import build_rank_files, convert_checkpoint, write_checkpoint
 from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, atomic_write,
@@ -18,7 +22,7 @@ from megatron.checkpoint.files import (LATEST, MODEL_FILE, CheckpointError, atom
                                        load_file, rank_dir_name, read_latest_iteration,
                                        shard_files)
 from megatron.checkpoint.integrity import MANIFEST, read_manifest, verify_iteration
-from megatron.checkpoint.hf_gpt2 import export_to_hf, import_from_hf
+from megatron.checkpoint.hf_convert import export_to_hf, import_from_hf
 from megatron.checkpoint.rank_state import (CHECKPOINT_VERSION, build_rank_state, get_rng_state,
                                             model_keys, set_rng_state)
 from megatron.checkpoint.reshard import (OUTPUT_LAYER_KEY, WORD_EMBEDDINGS_KEY, CheckpointShards,
