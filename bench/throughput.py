@@ -1,11 +1,13 @@
-"""Training throughput of the framework against a hand-written GPT-2, and MFU against a measured peak.
+"""Training throughput of the framework against a hand-written GPT-2 or Llama, and MFU against a measured peak.
 
     python bench/throughput.py CONFIG [section.key=value ...] [--iters N] [--rounds R]
     python bench/throughput.py CONFIG --kernels      # time each fused op's paths instead
 
 Builds the framework's real model, optimizer and schedule from CONFIG (as
 pretrain_gpt.py does, with random tokens instead of data files), trains, and in
-the same run times bench/baseline_gpt2.py on the same shapes. The two are
+the same run times the hand-written baseline of the model's family on the same
+shapes: bench/baseline_gpt2.py for GPT-2's block, bench/baseline_llama.py for the
+Llama block (RoPE, RMSNorm, SwiGLU, no biases; any query groups, tied or not). The two are
 interleaved (ours, baseline, ours, ...) and each figure is a median, because
 machines that share cores drift during a run. The peak is measured in the same
 run, also interleaved: a large fp32 GEMM on CPU, a bf16 GEMM on GPU (best of
@@ -21,7 +23,8 @@ import time
 import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
-from megatron.planning.flops import gpt_flops_per_iteration
+import baseline_llama
+from megatron.planning.flops import gpt_flops_per_iteration, model_flops_options
 from megatron.planning.measure import measure_peak_gflops
 from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
@@ -78,16 +81,38 @@ class FrameworkRunner:
         return result.loss_dicts
 
 
+def baseline_family(m):
+    """"gpt2" or "llama" when the model config ``m`` is one of the hand-written baselines'
+    blocks, else None (a mix of options neither baseline writes)."""
+    if (m.position_embedding_type, m.normalization, m.activation, m.add_bias_linear,
+            m.untie_embeddings_and_output_weights, m.query_groups()) == \
+            ("learned", "LayerNorm", "gelu_tanh", True, False, m.num_attention_heads) and \
+            m.ffn_hidden_size in (None, 4 * m.hidden_size):
+        return "gpt2"
+    if (m.position_embedding_type, m.normalization, m.activation, m.add_bias_linear,
+            m.rotary_percent, m.hidden_dropout, m.attention_dropout) == \
+            ("rope", "RMSNorm", "swiglu", False, 1.0, 0.0, 0.0):
+        return "llama"
+    return None
+
+
 class BaselineRunner:
-    """bench/baseline_gpt2.py on the same shapes, one optimizer step per call."""
+    """The hand-written model of the config's family (``baseline_family``) on the same shapes,
+    one optimizer step per call."""
 
     def __init__(self, cfg, device, vocab_size):
         m, t = cfg.model, cfg.training
         amp = DTYPES[t.precision] if t.precision != "fp32" else None
-        self.model, self.optimizer = baseline_gpt2.build(
-            vocab_size, m.seq_length, m.num_layers, m.num_attention_heads, m.hidden_size,
-            dropout=m.hidden_dropout, device=device, lr=cfg.optimizer.lr,
-            weight_decay=cfg.optimizer.weight_decay)
+        common = dict(device=device, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+        if baseline_family(m) == "llama":
+            self.model, self.optimizer = baseline_llama.build(
+                vocab_size, m.seq_length, m.num_layers, m.num_attention_heads, m.hidden_size,
+                m.query_groups(), m.ffn_hidden_size or 4 * m.hidden_size, rope_base=m.rotary_base,
+                eps=m.layernorm_epsilon, tie=not m.untie_embeddings_and_output_weights, **common)
+        else:
+            self.model, self.optimizer = baseline_gpt2.build(
+                vocab_size, m.seq_length, m.num_layers, m.num_attention_heads, m.hidden_size,
+                dropout=m.hidden_dropout, **common)
         self.amp, self.device = amp, device
         self.num_micro = t.global_batch_size // t.micro_batch_size
         self.data = random_batches(t.micro_batch_size, m.seq_length, vocab_size, device, seed=1)
@@ -218,9 +243,14 @@ def main(argv=None):
     m, t = cfg.model, cfg.training
     vocab = cfg.tokenizer.vocab_size
     if vocab is None:
-        print("error: the benchmark needs tokenizer.vocab_size (random tokens, no tokenizer files)",
-              file=sys.stderr)
-        return 2
+        # e.g. configs/llama_tiny.yaml's GPT-2 BPE files: the tokens stay random, only the size counts
+        from megatron.tokenizer import build_tokenizer
+        try:
+            vocab = build_tokenizer(cfg.tokenizer).vocab_size
+        except Exception as e:
+            print(f"error: the benchmark needs tokenizer.vocab_size or a tokenizer it can build ({e})",
+                  file=sys.stderr)
+            return 2
     vocab = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
     device = initialize_megatron(cfg)
     if args.threads:
@@ -242,16 +272,22 @@ def main(argv=None):
     ours = FrameworkRunner(cfg, device, vocab)
     n_params = sum(p.numel() for c in ours.chunks for p in c.parameters())
     baseline = None
+    family = baseline_family(m)
     if not args.no_baseline:
         if world > 1:
             say("baseline skipped: it is a single-process model (run with one process to compare)")
+        elif family is None:
+            say("baseline skipped: the model mixes GPT-2 and Llama options; the hand-written "
+                "baselines are GPT-2's block and Llama's (rope, RMSNorm, swiglu, no biases)")
         else:
             baseline = BaselineRunner(cfg, device, vocab)
     F = gpt_flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, vocab,
-                                m.ffn_hidden_size, recompute=t.recompute == "full")
+                                m.ffn_hidden_size, recompute=t.recompute == "full",
+                                **model_flops_options(m))
     tokens = t.global_batch_size * m.seq_length
-    say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq "
-        f"{m.seq_length}, vocab {vocab}, {n_params / 1e6:.1f} M parameters on rank 0; global batch "
+    say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads"
+        f" ({m.query_groups()} query groups), seq {m.seq_length}, vocab {vocab}, block "
+        f"{family or 'mixed'}, {n_params / 1e6:.1f} M parameters on rank 0; global batch "
         f"{t.global_batch_size} ({tokens} tokens), {F / 1e9:.1f} GFLOP per iteration")
 
     timed(ours.step, args.warmup)

@@ -18,7 +18,10 @@ def rotary_embedding_reference(t, cos, sin):
     x, rest = tf[..., :rot], tf[..., rot:]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x * cos + rotated * sin, rest), dim=-1).to(t.dtype)
+    out = x * cos + rotated * sin
+    if rest.shape[-1]:  # partial rotation; with every dim rotated a cat would only copy
+        out = torch.cat((out, rest), dim=-1)
+    return out.to(t.dtype)
 
 
 def rotary_embedding(t, cos, sin):

@@ -21,12 +21,30 @@ kernel that skips the masked half does less work than is credited.
 """
 
 
-def layer_forward_flops_per_token(seq_length, hidden_size, ffn_hidden_size=None):
+def layer_forward_flops_per_token(seq_length, hidden_size, ffn_hidden_size=None,
+                                  num_attention_heads=None, num_query_groups=None, gated=False):
     """Forward FLOPs of one transformer layer per token: its GEMMs (QKV, attention output,
-    the two MLP matrices) and attention's two s x s products (counted unmasked)."""
+    the two MLP matrices) and attention's two s x s products (counted unmasked).
+
+    Today's decoders: with ``num_query_groups`` ng of ``num_attention_heads`` np, K and V
+    are ng / np as wide as Q (QKV h^2 (1 + 2 ng / np)); a ``gated`` MLP (SwiGLU) has three
+    h x ffn matrices instead of two. Attention's products are np heads either way.
+    """
     s, h = seq_length, hidden_size
     ffn = ffn_hidden_size or 4 * h
-    return 2 * (3 * h * h + h * h + 2 * h * ffn) + 2 * 2 * s * h
+    kv = 2 * h * h
+    if num_attention_heads and num_query_groups:
+        kv = 2 * h * h * num_query_groups // num_attention_heads
+    mlp = (3 if gated else 2) * h * ffn
+    return 2 * (h * h + kv + h * h + mlp) + 2 * 2 * s * h
+
+
+def model_flops_options(model_cfg):
+    """The keyword arguments of ``layer_forward_flops_per_token`` / ``gpt_flops_per_iteration``
+    that a ModelConfig's decoder options set (query groups, a gated MLP)."""
+    return {"num_attention_heads": model_cfg.num_attention_heads,
+            "num_query_groups": model_cfg.num_query_groups,
+            "gated": model_cfg.activation == "swiglu"}
 
 
 def attention_core_forward_flops_per_token(seq_length, hidden_size):
@@ -42,16 +60,20 @@ def layer_passes(recompute):
 
 
 def gpt_flops_per_iteration(batch_size, seq_length, num_layers, hidden_size, vocab_size,
-                            ffn_hidden_size=None, recompute=False):
+                            ffn_hidden_size=None, recompute=False, num_attention_heads=None,
+                            num_query_groups=None, gated=False):
     """Model FLOPs of one training iteration on `batch_size` sequences (all ranks together).
 
     Written out term by term so that a non-default FFN size is counted right;
     with ffn_hidden_size = 4h it equals the papers' closed form above. ``recompute``
     True or "full" counts the recomputed forward, "selective" the recomputed
-    attention core; False / "none" gives the model FLOPs.
+    attention core; False / "none" gives the model FLOPs. ``num_attention_heads``,
+    ``num_query_groups`` and ``gated`` as in ``layer_forward_flops_per_token``
+    (``model_flops_options(cfg.model)`` gives them).
     """
     B, s, l, h, V = batch_size, seq_length, num_layers, hidden_size, vocab_size
-    layer_fwd_per_token = layer_forward_flops_per_token(s, h, ffn_hidden_size)
+    layer_fwd_per_token = layer_forward_flops_per_token(s, h, ffn_hidden_size, num_attention_heads,
+                                                        num_query_groups, gated)
     logit_fwd_per_token = 2 * h * V
     per_token = layer_passes(recompute) * l * layer_fwd_per_token + 3 * logit_fwd_per_token
     if recompute == "selective":
