@@ -80,7 +80,7 @@ class ModelConfig:
 class TokenizerConfig:
     """Which tokenizer turns text into ids."""
     type: str = _f("GPT2BPETokenizer", "Tokenizer kind: GPT2BPETokenizer, SentencePieceTokenizer, "
-                                       "HFTokenizer (tokenizer.json) or NullTokenizer.")
+                                       "HuggingFaceTokenizer (tokenizer.json) or NullTokenizer.")
     vocab_file: Optional[str] = _f(None, "GPT-2 BPE vocab.json path.")
     merge_file: Optional[str] = _f(None, "GPT-2 BPE merges.txt path.")
     tokenizer_model: Optional[str] = _f(
