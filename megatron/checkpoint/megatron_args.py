@@ -128,8 +128,8 @@ def config_from_args(args, where, legacy=False):
     h = int(args.hidden_size)
     m.num_layers, m.hidden_size = int(args.num_layers), h
     m.num_attention_heads = int(args.num_attention_heads)
-    ffn = _get(args, "ffn_hidden_size")
-    m.ffn_hidden_size = None if ffn is None or int(ffn) == 4 * h else int(ffn)
+    # Explicit, as a training run's saved (finalized) config has it.
+    m.ffn_hidden_size = int(_get(args, "ffn_hidden_size", 4 * h))
     m.seq_length = int(args.seq_length)
     m.max_position_embeddings = int(_get(args, "max_position_embeddings", m.seq_length))
     m.make_vocab_size_divisible_by = int(_get(args, "make_vocab_size_divisible_by", 128))
@@ -201,7 +201,9 @@ def args_from_config(config, tp, pp, vp, padded_vocab, true_vocab, iteration, co
         seq_length=int(m["seq_length"]),
         max_position_embeddings=int(m.get("max_position_embeddings") or m["seq_length"]),
         position_embedding_type="rope" if rope else "learned_absolute",
-        add_position_embedding=not rope, use_rotary_position_embeddings=rope,
+        # Megatron-LM's defaults: neither flag says which positions (position_embedding_type
+        # does), and check_checkpoint_args compares add_position_embedding with the run's.
+        add_position_embedding=True, use_rotary_position_embeddings=False,
         rotary_base=int(m.get("rotary_base", 10000)),
         rotary_percent=float(m.get("rotary_percent", 1.0)), rotary_interleaved=False,
         normalization=m.get("normalization", "LayerNorm"),
