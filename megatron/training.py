@@ -65,13 +65,27 @@ def build_model(cfg, model_provider, device):
                                post_process=mpu.is_pipeline_last_stage())
         # training.compile is applied inside GPTModel (each transformer layer is
         # compiled there); compiling the whole chunk again would trace it twice.
-        model = model.to(device=device, dtype=DTYPES[cfg.training.precision])
+        cast_module_(model, device, DTYPES[cfg.training.precision])
         chunks.append(DistributedDataParallel(
             model, accumulate_allreduce_grads_in_fp32=cfg.parallel.accumulate_allreduce_grads_in_fp32,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer))
     if vp > 1:
         mpu.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
+
+
+def cast_module_(module, device, dtype):
+    """Move ``module`` to ``device`` and its floating-point tensors to ``dtype`` in place.
+
+    Like ``Module.to``, but every parameter stays the same object, so the mpu attributes
+    set on it (tensor_model_parallel, tied_embedding, ...) stay too: ``Module.to`` swaps
+    whole tensors, attributes included, for fake tensors (the dry run) and under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``.
+    """
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = t.data.to(device=device,
+                               dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def build_scheduler(cfg, optimizer):
