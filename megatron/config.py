@@ -370,6 +370,9 @@ def finalize(cfg, world_size=1):
                           f"model.max_position_embeddings={m.max_position_embeddings}")
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = 4 * m.hidden_size
+    if m.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
     if p.sequence_parallel and tp == 1:
         # Sequence parallelism splits over TP ranks: with one rank it means nothing.
         p.sequence_parallel = False

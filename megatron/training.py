@@ -84,8 +84,7 @@ def cast_module_(module, device, dtype):
     """
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            t.data = t.data.to(device=device,
-                               dtype=dtype if t.is_floating_point() else t.dtype)
+            t.data = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def build_scheduler(cfg, optimizer):
@@ -239,8 +238,6 @@ def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
         iteration += 1
         consumed_samples += gbs
         total_skipped += not step.update_successful
-        # Every rank has the global norm (None when clipping is off).
-        history["grad_norms"][iteration] = None if step.grad_norm is None else float(step.grad_norm)
 
         # The loss is only known on the last pipeline stage; the one per-step
         # all-reduce shares its DP mean (and the stop flags) with every rank.
@@ -248,6 +245,9 @@ def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
                     and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
         loss, (sigterm, duration) = step_scalars(step.loss_dicts, last_stage,
                                                  [exit_signal.received, duration], run.device)
+        # Every rank has the global norm (None when clipping is off); read after the
+        # scalars' transfer has waited for the step anyway.
+        history["grad_norms"][iteration] = None if step.grad_norm is None else float(step.grad_norm)
         if last_stage:
             history["train_losses"][iteration] = loss
         nonfinite_run = 0 if math.isfinite(loss) else nonfinite_run + 1

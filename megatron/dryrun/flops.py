@@ -23,10 +23,14 @@ class FlopCount:
 
     def __init__(self):
         self.total = 0
+        self._formulas = {}  # id(op) -> formula or None (op hashing is slow; this runs per op)
 
     def observe(self, func, args, kwargs, out):
         """Count one op (ops without a formula, e.g. elementwise ones, count zero)."""
-        packet = getattr(func, "_overloadpacket", None)
-        formula = flop_registry.get(_BORROWED.get(packet, packet))
+        key = id(func)
+        if key not in self._formulas:
+            packet = getattr(func, "_overloadpacket", None)
+            self._formulas[key] = flop_registry.get(_BORROWED.get(packet, packet))
+        formula = self._formulas[key]
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)

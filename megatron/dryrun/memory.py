@@ -163,8 +163,14 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def _only_real_tensors(args, kwargs):
-    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    return bool(tensors) and not any(isinstance(t, FakeTensor) for t in tensors)
+    # Op arguments are tensors or flat lists of them: no pytree walk (it runs per op).
+    found = False
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, FakeTensor):
+                return False
+            found = found or isinstance(t, torch.Tensor)
+    return found
 
 
 def state_storages(model_chunks, optimizer):

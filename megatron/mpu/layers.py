@@ -63,7 +63,8 @@ def _sharded_parameter(shape, partition_dim, init_method, params_dtype, device):
     master = torch.empty(shape, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         init_method(master)
-    shard = master.chunk(world_size, dim=partition_dim)[rank]
+    size = shape[partition_dim] // world_size  # the callers check divisibility first
+    shard = master.narrow(partition_dim, rank * size, size)
     # A copy, not a view: a view would keep the whole master weight alive.
     shard = shard.to(device=device, dtype=params_dtype, copy=True).contiguous()
     weight = torch.nn.Parameter(shard, requires_grad=True)

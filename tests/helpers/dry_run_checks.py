@@ -1,37 +1,37 @@
 """The dry run held against real steps: small layouts measured on gloo, predicted on fakes.
 
-``LAYOUTS`` are the validation layouts (name -> overrides of ``small_overrides``);
-``measured(overrides)`` runs on every rank of a gloo world (``run_distributed``) and
-returns each rank's measured report; ``predicted(overrides, world_size)`` dry-runs every
-rank in a fresh spawned process (no process group of its own). ``expected_collectives``
-is what the model's code must issue per step, built from the per-layer counts of
-``tests/test_model_collectives.py`` (``layer_collectives``).
+``LAYOUTS`` are the validation layouts (name -> overrides of ``small_overrides``, all
+on ``WORLD_SIZE`` ranks); ``measure_then_predict(names)`` runs on every rank of a gloo
+world (``run_distributed``): it measures each layout for real, then dry-runs the same
+rank of it. ``expected_collectives(report)`` is what the model's code must issue in
+that rank's step (``tests/helpers/collectives.py``).
 """
-import concurrent.futures
-import multiprocessing
-
 VOCAB = 255  # NullTokenizer(254): 254 ids + end of document
+WORLD_SIZE = 4
 
-# name -> (world size, overrides): every parallel feature, each recompute mode, both
-# optimizers, fp32 and (tiny) bf16.
+# name -> overrides, all on 4 ranks: every parallel feature (TP, SP, PP with a middle
+# stage, VP, DP), each recompute mode, both optimizers, fp32 and (tiny) bf16.
 LAYOUTS = {
-    "tp2": (2, {"parallel.tensor_model_parallel_size": 2}),
-    "tp2_sp_selective": (2, {"parallel.tensor_model_parallel_size": 2,
+    "tp2_dp2": {"parallel.tensor_model_parallel_size": 2},
+    "tp2_dp2_sp_selective": {"parallel.tensor_model_parallel_size": 2,
                              "parallel.sequence_parallel": True,
-                             "training.recompute": "selective"}),
-    "pp2_1f1b": (2, {"parallel.pipeline_model_parallel_size": 2,
-                     "training.global_batch_size": 8}),
-    "pp2_vp2": (2, {"parallel.pipeline_model_parallel_size": 2,
+                             "training.recompute": "selective"},
+    "pp2_dp2_1f1b": {"parallel.pipeline_model_parallel_size": 2,
+                     "training.global_batch_size": 16},
+    "pp2_vp2_dp2": {"parallel.pipeline_model_parallel_size": 2,
                     "parallel.virtual_pipeline_model_parallel_size": 2,
-                    "training.global_batch_size": 8}),
-    "dp2_full": (2, {"training.recompute": "full", "training.global_batch_size": 8}),
-    "dp2_distopt": (2, {"parallel.distributed_optimizer": True}),
-    "tp2_dp2_sp": (4, {"parallel.tensor_model_parallel_size": 2,
-                       "parallel.sequence_parallel": True}),
-    "pp2_dp2_distopt_bf16": (4, {"parallel.pipeline_model_parallel_size": 2,
-                                 "parallel.distributed_optimizer": True,
-                                 "training.precision": "bf16", "model.hidden_size": 32,
-                                 "model.seq_length": 32, "training.global_batch_size": 8}),
+                    "training.global_batch_size": 16},
+    "pp4_1f1b": {"parallel.pipeline_model_parallel_size": 4, "training.global_batch_size": 8},
+    "dp4_full": {"training.recompute": "full"},
+    "dp4_distopt": {"parallel.distributed_optimizer": True},
+    "tp2_pp2_sp_full": {"parallel.tensor_model_parallel_size": 2,
+                        "parallel.pipeline_model_parallel_size": 2,
+                        "parallel.sequence_parallel": True, "training.recompute": "full",
+                        "training.global_batch_size": 4},
+    "pp2_dp2_distopt_bf16": {"parallel.pipeline_model_parallel_size": 2,
+                             "parallel.distributed_optimizer": True,
+                             "training.precision": "bf16", "model.hidden_size": 32,
+                             "model.seq_length": 32, "training.global_batch_size": 8},
 }
 
 
@@ -47,30 +47,48 @@ def small_overrides(**extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _cfg(overrides):
+def layout_cfg(name):
+    """The finalized-able Config of validation layout ``name``."""
     from megatron.config import load_config
-    return load_config(None, small_overrides(**overrides))
+    return load_config(None, small_overrides(**LAYOUTS[name]))
 
 
-def measured(overrides):
-    """This gloo rank's measured report (a dict), two real steps."""
-    from megatron.dryrun import measure
-    return measure(_cfg(overrides), steps=2).to_dict()
-
-
-def _predict_all(overrides, world_size):
-    from megatron.dryrun import dry_run
-    cfg = _cfg(overrides)
-    return [dry_run(cfg, world_size, r, target="cpu").to_dict() for r in range(world_size)]
-
-
-def predicted(overrides, world_size):
-    """Every rank's dry-run report (dicts), computed in one fresh spawned process."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        return pool.submit(_predict_all, overrides, world_size).result(timeout=600)
+def measure_then_predict(names):
+    """On each rank of a gloo world: measure every layout for real (two steps each), then
+    leave the process group and dry-run this same rank of each layout (in a fake world of
+    its own). Returns ``{name: (measured report, predicted report)}`` as dicts."""
+    from megatron import mpu
+    from megatron.dryrun import dry_run, measure
+    rank, world = mpu.get_global_rank(), mpu.get_global_world_size()
+    measured = {}
+    for name in names:
+        measured[name] = measure(layout_cfg(name), steps=2).to_dict()
+        mpu.destroy_model_parallel()
+        mpu.barrier()
+    mpu.destroy_process_group()
+    return {name: (measured[name], dry_run(layout_cfg(name), world, rank,
+                                           target="cpu").to_dict()) for name in names}
 
 
 def relative_error(predicted_bytes, measured_bytes):
     """(predicted - measured) / measured."""
     return (predicted_bytes - measured_bytes) / measured_bytes
+
+
+def expected_collectives(report, cfg):
+    """``{(group, kind): calls}`` the rank of ``report`` (a dict) must issue per step."""
+    from tests.helpers.collectives import step_collectives
+    lay = report["layout"]
+    pp_rank = report["pipeline_model_parallel_rank"]
+    return step_collectives(
+        tp=lay["tp"], pp=lay["pp"], vp=lay["vp"], dp=lay["dp"],
+        layers_on_rank=cfg.model.num_layers // lay["pp"], first_stage=pp_rank == 0,
+        last_stage=pp_rank == lay["pp"] - 1, num_microbatches=lay["num_microbatches"],
+        sequence_parallel=lay["sequence_parallel"], recompute=lay["recompute"],
+        precision=lay["precision"], distributed_optimizer=lay["distributed_optimizer"],
+        clip_grad=cfg.optimizer.clip_grad)
+
+
+def collective_calls(report):
+    """``{(group, kind): calls}`` from a report's collective rows."""
+    return {(c["group"], c["kind"]): c["calls"] for c in report["collectives"]}
