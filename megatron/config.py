@@ -150,6 +150,10 @@ class LoggingConfig:
     """Console and TensorBoard logging."""
     log_interval: int = _f(10, "Print the training line every this many iterations.")
     tensorboard_dir: Optional[str] = _f(None, "TensorBoard event directory; None disables it.")
+    memory_report: bool = _f(
+        True, "After the first iteration, log each rank role's measured peak tensor memory "
+              "beside the dry run's prediction (docs/dry_run.md); the prediction runs one "
+              "step on fake tensors before training starts.")
 
 
 SECTIONS = {

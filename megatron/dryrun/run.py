@@ -118,7 +118,12 @@ def role_name(pp_rank, pp, dp_rank, dp):
 
 def distinct_roles(cfg, world_size):
     """One representative global rank per distinct role (first / middle / last pipeline
-    stage x DP rank 0 or not), TP rank 0: ``[(rank, role name), ...]``."""
+    stage x DP rank 0 or not), TP rank 0: ``[(rank, role name), ...]``.
+
+    The middle role's representative is stage 1, the middle stage that holds the most
+    micro batches in flight (stage r of a 1F1B pipeline holds p - r; the interleaved
+    schedule's warm-up shrinks with r too), so its peak bounds every middle stage's.
+    TP ranks differ only in which vocabulary rows are padding."""
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)

@@ -10,17 +10,15 @@ VOCAB = 255  # NullTokenizer(254): 254 ids + end of document
 WORLD_SIZE = 4
 
 # name -> overrides, all on 4 ranks: every parallel feature (TP, SP, PP with a middle
-# stage, VP, DP), each recompute mode, both optimizers, fp32 and (tiny) bf16.
+# stage (1F1B), VP, DP), each recompute mode, both optimizers, fp32 and (tiny) bf16.
 LAYOUTS = {
     "tp2_dp2": {"parallel.tensor_model_parallel_size": 2},
     "tp2_dp2_sp_selective": {"parallel.tensor_model_parallel_size": 2,
                              "parallel.sequence_parallel": True,
                              "training.recompute": "selective"},
-    "pp2_dp2_1f1b": {"parallel.pipeline_model_parallel_size": 2,
-                     "training.global_batch_size": 16},
     "pp2_vp2_dp2": {"parallel.pipeline_model_parallel_size": 2,
                     "parallel.virtual_pipeline_model_parallel_size": 2,
-                    "training.global_batch_size": 16},
+                    "training.global_batch_size": 8},
     "pp4_1f1b": {"parallel.pipeline_model_parallel_size": 4, "training.global_batch_size": 8},
     "dp4_full": {"training.recompute": "full"},
     "dp4_distopt": {"parallel.distributed_optimizer": True},
@@ -55,10 +53,13 @@ def layout_cfg(name):
 
 def measure_then_predict(names):
     """On each rank of a gloo world: measure every layout for real (two steps each), then
-    leave the process group and dry-run this same rank of each layout (in a fake world of
-    its own). Returns ``{name: (measured report, predicted report)}`` as dicts."""
+    leave the process group and dry-run this rank's share of the layouts' stages (every
+    pipeline stage x DP rank 0 or not, TP rank 0; each in a fake world of its own).
+    Returns ``(measured, predicted)``: ``{name: report}`` for this rank, and
+    ``{(name, rank): report}`` for the ranks it dry-ran (dicts)."""
     from megatron import mpu
-    from megatron.dryrun import dry_run, measure
+    from megatron.config import finalize
+    from megatron.dryrun import dry_run, global_rank, measure
     rank, world = mpu.get_global_rank(), mpu.get_global_world_size()
     measured = {}
     for name in names:
@@ -66,8 +67,45 @@ def measure_then_predict(names):
         mpu.destroy_model_parallel()
         mpu.barrier()
     mpu.destroy_process_group()
-    return {name: (measured[name], dry_run(layout_cfg(name), world, rank,
-                                           target="cpu").to_dict()) for name in names}
+    jobs = []
+    for name in names:
+        p = finalize(layout_cfg(name), world).parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        dp = world // (tp * pp)
+        jobs += [(name, global_rank(0, stage, d, world, tp, pp))
+                 for stage in range(pp) for d in sorted({0, dp - 1})]
+    predicted = {(name, r): dry_run(layout_cfg(name), world, r, target="cpu").to_dict()
+                 for name, r in jobs[rank::world]}
+    return measured, predicted
+
+
+def pretrain_with_and_without_report(prefix):
+    """In a fresh process: the tiny pretrain() with the memory report (its dry run runs
+    before the process group exists), then again without it. Returns both histories'
+    train losses and what the first run printed."""
+    import contextlib
+    import io
+    from megatron.initialize import destroy_megatron
+    from tests.helpers.training import make_corpus, run_pretrain, tiny_overrides
+    make_corpus(prefix)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        on = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 3,
+                                                    "logging.memory_report": True}))
+    destroy_megatron()
+    off = run_pretrain(tiny_overrides(prefix, **{"training.train_iters": 3,
+                                                 "logging.memory_report": False}))
+    destroy_megatron()
+    return on["train_losses"], off["train_losses"], out.getvalue()
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process (no process group, nothing imported yet)."""
+    import concurrent.futures
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result(timeout=900)
 
 
 def relative_error(predicted_bytes, measured_bytes):
