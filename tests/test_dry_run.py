@@ -13,6 +13,7 @@
 - The runtime report: a run's first iteration measured beside its dry run, without
   changing the losses.
 """
+import importlib.util
 import json
 import math
 import os
@@ -113,12 +114,11 @@ def _check_paper_rank(report, overrides=()):
         pp, vp, pp_rank, lay["num_microbatches"])
     # The FLOPs torch counts for this rank's GEMMs match the paper's formula (bench/flops.py)
     # up to the attention backward, whose fused kernel recomputes the scores.
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        from flops import gpt_flops_per_iteration
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
-    total = gpt_flops_per_iteration(lay["global_batch_size"], cfg.model.seq_length,
+    spec = importlib.util.spec_from_file_location("bench_flops",
+                                                  os.path.join(ROOT, "bench", "flops.py"))
+    bench_flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_flops)
+    total = bench_flops.gpt_flops_per_iteration(lay["global_batch_size"], cfg.model.seq_length,
                                     cfg.model.num_layers, cfg.model.hidden_size, padded)
     assert math.isclose(report["formula_flops"], total / 512, rel_tol=1e-12)
     if pp == 1:

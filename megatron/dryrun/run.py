@@ -135,7 +135,6 @@ def distinct_roles(cfg, world_size):
 
 def _warm_caches():
     """Run the probes the step caches (on real tensors), so none runs on fake ones."""
-    from megatron.optimizer import optimizer as _  # noqa: F401  (imports the AdamW probe)
     from megatron.optimizer import _fused_adamw_supported
     from megatron.schedules import _can_release_outputs
     _can_release_outputs()
