@@ -317,8 +317,8 @@ def measure(cfg, *, steps=2, model_provider=None, forward_step_func=None, vocab_
             device=None):
     """The dry run's figures measured for real: this rank of the current process group
     (gloo or nccl, mpu not yet initialized for it) builds the job of ``cfg`` and runs
-    ``steps`` training steps on random tokens, each under a ``MemoryTracker`` that starts
-    from the run's state (parameters, gradient buffers, masters, optimizer state).
+    ``steps`` training steps on random tokens under a ``MemoryTracker`` that starts from
+    the run's state (parameters, gradient buffers, masters, optimizer state).
 
     Returns the report of step 1 (``first_step_peak_bytes``, activations, collectives)
     with ``peak_bytes`` the peak of the last step. On a CPU, tensor bytes as the
@@ -331,17 +331,19 @@ def measure(cfg, *, steps=2, model_provider=None, forward_step_func=None, vocab_
     data = [random_batches(job.cfg.training.micro_batch_size, job.cfg.model.seq_length,
                            job.vocab_size, seed=mpu.get_data_parallel_rank())
             for _ in parts[0]]
+    # One tracker over all steps: a later step starts with what the earlier ones left
+    # alive (optimizer state, the model's last input tensor), as in the training loop.
+    tracker = MemoryTracker()
+    tracker.add_all(t for ts in state_storages(parts[0], parts[1]).values() for t in ts)
     first, log, peak = None, None, 0
-    for i in range(steps):
-        tracker = MemoryTracker()
-        tracker.add_all(t for ts in state_storages(parts[0], parts[1]).values() for t in ts)
-        step_log = mpu.CollectiveLog()
-        with tracker:
+    with tracker:
+        for _ in range(steps):
+            step_log = mpu.CollectiveLog()
             figures = job.step(parts, data, tracker, [step_log.observe])
-        tracker.stop()
-        if first is None:
-            first, log = figures, step_log
-        peak = figures["first_step_peak"]
+            if first is None:
+                first, log = figures, step_log
+            peak = figures["first_step_peak"]
+    tracker.stop()
     return job.report(mpu.get_global_rank(), parts, first, peak, log, None,
                       "cuda" if device.type == "cuda" else "cpu")
 
