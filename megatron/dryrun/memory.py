@@ -86,14 +86,6 @@ class MemoryTracker(TorchDispatchMode):
         if entry is not None:
             self.current -= entry[0]
 
-    def live_bytes_of(self, tensors):
-        """Bytes of the distinct storages among ``tensors`` (tracked or not)."""
-        seen = {}
-        for t in tensors:
-            st = t.untyped_storage()
-            seen[_storage_key(st)] = st.nbytes()
-        return sum(seen.values())
-
     # -- phases and peaks ----------------------------------------------------------------
     def mark(self):
         """Start a new measurement here: the peak restarts from the live bytes and the
@@ -116,7 +108,8 @@ class MemoryTracker(TorchDispatchMode):
     def steady_peak(self, since):
         """The peak since the mark ``since`` had every storage allocated after it that is
         still alive (the state a step leaves for the next) existed from the start: the
-        peak of the next, identical step."""
+        peak of the next, identical step. A bound from above: a leftover the next step
+        replaces early (the model's last input tensor) counts for all of it."""
         survivors = sorted(((seq, nb) for nb, seq, _ in self._live.values() if seq > since),
                            reverse=True)
         best, later, i = 0, 0, 0
