@@ -55,6 +55,7 @@ from .collectives import (
     init_process_group,
     is_distributed,
 )
+from .collective_log import CollectiveLog
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
