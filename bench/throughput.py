@@ -21,7 +21,7 @@ import time
 import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
-from megatron.planning.flops import gpt_flops_per_iteration
+from megatron.planning.flops import model_flops_per_iteration
 from megatron.planning.measure import measure_peak_gflops
 from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
@@ -247,8 +247,7 @@ def main(argv=None):
             say("baseline skipped: it is a single-process model (run with one process to compare)")
         else:
             baseline = BaselineRunner(cfg, device, vocab)
-    F = gpt_flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, vocab,
-                                m.ffn_hidden_size, recompute=t.recompute == "full")
+    F = model_flops_per_iteration(m, t.global_batch_size, vocab, recompute=t.recompute == "full")
     tokens = t.global_batch_size * m.seq_length
     say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq "
         f"{m.seq_length}, vocab {vocab}, {n_params / 1e6:.1f} M parameters on rank 0; global batch "
