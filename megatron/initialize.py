@@ -54,6 +54,17 @@ class CollectiveTimeoutError(UserError, RuntimeError):
             f"see its output); raise training.distributed_timeout_minutes if it is only slow")
 
 
+class PeerLostError(UserError, RuntimeError):
+    """A collective lost its connection to another rank (that process died); one line."""
+
+    def __init__(self):
+        from megatron import mpu
+        super().__init__(
+            f"rank {mpu.get_global_rank()} lost its connection to another rank in a collective "
+            f"operation: that process died or was killed (its own error, if any, is in its "
+            f"output)")
+
+
 DEFAULT_TIMEOUT_MINUTES = 10  # training.distributed_timeout_minutes' default (Megatron's)
 
 

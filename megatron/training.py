@@ -19,7 +19,7 @@ import torch
 from megatron import checkpoint
 from megatron.config import finalize
 from megatron.errors import UserError
-from megatron.initialize import (CollectiveTimeoutError, initialize_megatron,
+from megatron.initialize import (CollectiveTimeoutError, PeerLostError, initialize_megatron,
                                  world_size_from_env)
 from megatron.logging import is_last_rank, print_rank_0
 from megatron.metrics_writer import MetricsWriter, build_metrics_writer
@@ -396,8 +396,11 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
             finish(run, history, tokenizer)
         return history
     except RuntimeError as e:
-        if mpu.is_collective_timeout(e):  # a hung rank: one line, not a deep traceback
+        # A hung or dead rank: one line, not a traceback from deep inside a collective.
+        if mpu.is_collective_timeout(e):
             raise CollectiveTimeoutError(cfg.training.distributed_timeout_minutes) from None
+        if mpu.is_peer_lost(e):
+            raise PeerLostError() from None
         raise
     finally:
         if writer is not None:

@@ -56,6 +56,7 @@ from .collectives import (
     init_process_group,
     is_collective_timeout,
     is_distributed,
+    is_peer_lost,
 )
 from .rendezvous import launch_round_store
 from .mappings import (

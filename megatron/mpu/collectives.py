@@ -87,6 +87,15 @@ def is_collective_timeout(error):
     return isinstance(error, RuntimeError) and any(m in str(error) for m in _TIMEOUT_MESSAGES)
 
 
+# What gloo says when the process at the other end of a connection died (killed, crashed).
+_PEER_LOST_MESSAGES = ("Connection reset by peer", "Connection closed by peer")
+
+
+def is_peer_lost(error):
+    """True when ``error`` is a collective whose connection to another rank broke."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MESSAGES)
+
+
 def destroy_process_group():
     """Destroy the default process group if there is one."""
     global _TIMEOUT
@@ -163,9 +172,9 @@ def fail_together(what, group=None):
     try:
         yield
     except Exception as e:
-        # After a timed-out collective the other ranks are not answering: telling
-        # them would only wait out the timeout a second time.
-        if not is_collective_timeout(e):
+        # After a timed-out or broken collective the other ranks cannot be told: trying
+        # would only wait out the timeout a second time.
+        if not (is_collective_timeout(e) or is_peer_lost(e)):
             _failed_ranks(True, group)
         raise
     bad = _failed_ranks(False, group)
