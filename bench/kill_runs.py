@@ -403,22 +403,25 @@ def _diff(a, b, where, out):
 
 
 def final_checkpoint(root):
-    """{relative path: loaded file} of the newest checkpoint under ``root``."""
+    """{relative path: loaded file (None for the manifest and other non-torch files)} of
+    the newest checkpoint under ``root``."""
     import torch
     it_dir = _iteration_dir(root, _latest(root))
     files = {}
     for folder, _, names in os.walk(it_dir):
         for name in names:
             path = os.path.join(folder, name)
-            files[os.path.relpath(path, it_dir)] = torch.load(path, map_location="cpu",
-                                                               weights_only=True)
+            files[os.path.relpath(path, it_dir)] = (
+                torch.load(path, map_location="cpu", weights_only=True)
+                if name.endswith(".pt") else None)
     return files
 
 
 def compare(reference_text, reference_root, text, root):
     """What differs between a run and the uninterrupted one (empty: identical): the last
     logged losses of each iteration, the final checkpoint's iteration, files and every
-    value in them (the stored config holds the directories and is left out)."""
+    value in its torch files (the stored config holds the directories and is left out,
+    and so the manifest of their checksums)."""
     out = []
     ref, got = logged_losses(reference_text), logged_losses(text)
     for key in ("train", "valid"):
