@@ -111,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--torchrun-kills", type=int, default=4)
     ap.add_argument("--torchrun-mid-saves", type=int, default=2)
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size = processes")
-    ap.add_argument("--iters", type=int, default=24)
+    ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--save-interval", type=int, default=3)
     ap.add_argument("--hung-minutes", type=float, default=1.0, help="0 skips the hung rank")
     ap.add_argument("--seed", type=int, default=None, help="of the kill plans (default: random)")

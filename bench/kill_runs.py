@@ -226,11 +226,13 @@ class _Start:
         self.pids = set(launch.workers().values())
 
 
-def _kill_save(start, moment, rng, save_root, save_interval, begin, end, deadline):
-    """Kill one worker while a checkpoint of an iteration in (begin, end] is written."""
+def _kill_save(start, moment, rng, save_root, save_interval, begin, end, reach, deadline):
+    """Kill one worker while a checkpoint is written: of a save in (begin, begin + reach],
+    or of a later one when those finish between two looks."""
     launch = start.launch
     saves = [k for k in range(begin + 1, end + 1) if k % save_interval == 0 or k == end]
-    for k in saves[int(moment.fraction * len(saves)):]:
+    near = sum(k <= begin + reach for k in saves)
+    for k in saves[int(moment.fraction * near):]:
         if launch.out.wait_for(re.compile(rf"^ iteration\s+{k}/"), start.line, deadline) is None:
             return None
         tmp = _iteration_dir(save_root, k) + ".tmp"
@@ -258,9 +260,11 @@ def _kill_save(start, moment, rng, save_root, save_interval, begin, end, deadlin
     return None
 
 
-def _kill(start, moment, rng, timing, save_root, save_interval, deadline):
+def _kill(start, moment, rng, timing, save_root, save_interval, kills_left, deadline):
     """Carry out ``moment`` on this start: (whether a worker was killed, the iteration
-    it aimed at or None); not killed when the start ended first."""
+    it aimed at or None); not killed when the start ended first. Kills aim within the
+    next (iterations left) / (kills left + 1) iterations, at least a save interval, so
+    that the plan is spread over the run instead of reaching its end early."""
     launch = start.launch
     if moment.kind == "startup":
         time.sleep(moment.fraction * timing["startup"])
@@ -271,10 +275,11 @@ def _kill(start, moment, rng, timing, save_root, save_interval, deadline):
     if found is None:
         return False, None
     begin, end = int(found[1].group(1)), int(found[1].group(2))
+    reach = max(save_interval, (end - begin) // (kills_left + 1))
     if moment.kind == "save" and begin < end:
-        k = _kill_save(start, moment, rng, save_root, save_interval, begin, end, deadline)
+        k = _kill_save(start, moment, rng, save_root, save_interval, begin, end, reach, deadline)
         return k is not None, k
-    last = min(end, moment.before - 1) if moment.before else end
+    last = min(end, begin + reach, moment.before - 1 if moment.before else end)
     k = begin + 1 + int(moment.fraction * max(last - begin, 0))
     if begin < end and launch.out.wait_for(re.compile(rf"^ iteration\s+{k}/"), start.line,
                                            deadline) is None:
@@ -330,10 +335,11 @@ def run_with_kills(overrides, plan, timing, rng, save_root, save_interval, nproc
     kills = []
     if nproc == 1:
         texts = []
-        for moment in plan:
+        for i, moment in enumerate(plan):
             launch = Launch(overrides).start()
             start = _Start(launch, 0, time.time_ns())
-            killed, k = _kill(start, moment, rng, timing, save_root, save_interval, deadline)
+            killed, k = _kill(start, moment, rng, timing, save_root, save_interval,
+                              len(plan) - i, deadline)
             launch.wait(deadline)
             texts.append(launch.out.text())
             if killed:
@@ -344,11 +350,12 @@ def run_with_kills(overrides, plan, timing, rng, save_root, save_interval, nproc
                 "rounds": None}
     launch = Launch(overrides, nproc, max_restarts=len(plan)).start()
     previous = set()
-    for moment in plan:
+    for i, moment in enumerate(plan):
         start = _next_start(launch, previous, deadline)
         if start is None:
             break
-        killed, k = _kill(start, moment, rng, timing, save_root, save_interval, deadline)
+        killed, k = _kill(start, moment, rng, timing, save_root, save_interval, len(plan) - i,
+                          deadline)
         previous = start.pids | set(launch.workers().values())
         _wait_gone(previous, deadline)  # the agent stops the others; then the folder is final
         if killed:

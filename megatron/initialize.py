@@ -49,7 +49,8 @@ class CollectiveTimeoutError(UserError, RuntimeError):
         from megatron import mpu
         super().__init__(
             f"a collective operation on rank {mpu.get_global_rank()} timed out after "
-            f"{timeout_minutes:g} minutes (training.distributed_timeout_minutes="
+            f"{timeout_minutes:g} minute{'' if timeout_minutes == 1 else 's'} "
+            f"(training.distributed_timeout_minutes="
             f"{timeout_minutes:g}): another rank stopped answering (hung, stopped or dead; "
             f"see its output); raise training.distributed_timeout_minutes if it is only slow")
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import kill_runs  # noqa: E402
 
-ITERS, SAVE_INTERVAL = 8, 2
+ITERS, SAVE_INTERVAL = 12, 2
 PROMPT = "1 2 3"  # NullTokenizer ids: a 3-token prompt, odd against TP=2
 LAYOUTS = {
     "tp2_sp": {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True,
