@@ -7,12 +7,13 @@ whose agent restarts the workers itself. The moments (``Moment.kind``):
 
 - ``startup``: a random delay after the (re)start, within the uninterrupted run's time
   until training begins (imports, rendezvous, model, data, checkpoint loading);
-- ``train``: a random delay after the log line of a random iteration of this start
-  (``before``: only iterations before that one, e.g. before the first checkpoint);
+- ``train``: a random delay after the log line of a random iteration of this start;
+  with ``before`` (e.g. the first save), a random point between the start of training
+  and the iteration before that one;
 - ``save``: while a checkpoint is written. After the log line of an iteration that saves,
-  every worker is stopped (SIGSTOP) and looked at: if an ``iter_N.tmp`` folder made by
-  this start is there, one worker is SIGKILLed, else they go on (SIGCONT) and are looked
-  at again a moment later. Nothing in the training code waits for this.
+  the workers run in short slices: stopped (SIGSTOP) between two, while the folder is
+  looked for; when an ``iter_N.tmp`` folder made by this start is there, one worker is
+  SIGKILLed (at a random sighting). Nothing in the training code waits for this.
 
 A kill counts as mid-save when that folder is still there once every worker of the
 start is dead (a torn save, not one another rank completed). ``compare`` checks the last
@@ -228,25 +229,32 @@ class _Start:
 
 def _kill_save(start, moment, rng, save_root, save_interval, begin, end, reach, deadline):
     """Kill one worker while a checkpoint is written: of a save in (begin, begin + reach],
-    or of a later one when those finish between two looks."""
+    or of a later one when those finish between two looks.
+
+    From the save iteration's log line on, the workers run in slices of a fraction of a
+    millisecond, stopped between two slices while the folder is looked for, so that a
+    save of a few milliseconds is seen several times."""
     launch = start.launch
     saves = [k for k in range(begin + 1, end + 1) if k % save_interval == 0 or k == end]
     near = sum(k <= begin + reach for k in saves)
+    looks = rng.randrange(4)  # further sightings before the kill: anywhere in the save
     for k in saves[int(moment.fraction * near):]:
         if launch.out.wait_for(re.compile(rf"^ iteration\s+{k}/"), start.line, deadline) is None:
             return None
         tmp = _iteration_dir(save_root, k) + ".tmp"
-        looks = rng.randrange(4)  # a few more looks at a save in progress: kill it anywhere
+        workers = launch.workers()
+        victim, pids = workers.get(moment.rank), list(workers.values())
+        if victim is None:
+            return None
+        seen = False
         while time.monotonic() < deadline:
-            workers = launch.workers()
-            victim = workers.get(moment.rank)
-            if victim is None:
-                return None
-            pids = list(workers.values())
             _signal(pids, signal.SIGSTOP)
             try:
                 _stopped(pids, deadline)
+                if not _alive(victim):
+                    return None
                 if _made_since(tmp, start.wall_ns):
+                    seen = True
                     if looks == 0:
                         _signal([victim], signal.SIGKILL)
                         return k
@@ -256,7 +264,9 @@ def _kill_save(start, moment, rng, save_root, save_interval, begin, end, reach, 
                     break  # this save finished between two looks: try the next one
             finally:
                 _signal(pids, signal.SIGCONT)
-            time.sleep(0.0005)
+            time.sleep(0.0003)
+        if seen:
+            looks = 0  # the save ended before the chosen sighting: take the first next time
     return None
 
 
@@ -279,14 +289,19 @@ def _kill(start, moment, rng, timing, save_root, save_interval, kills_left, dead
     if moment.kind == "save" and begin < end:
         k = _kill_save(start, moment, rng, save_root, save_interval, begin, end, reach, deadline)
         return k is not None, k
-    last = min(end, begin + reach, moment.before - 1 if moment.before else end)
-    k = begin + 1 + int(moment.fraction * max(last - begin, 0))
-    if begin < end and launch.out.wait_for(re.compile(rf"^ iteration\s+{k}/"), start.line,
-                                           deadline) is None:
-        return False, None
-    # Within about an iteration; for a kill before a checkpoint, early enough that the
-    # next iteration's save has not finished.
-    time.sleep(rng.random() * timing["iteration"] * (0.5 if moment.before else 1.0))
+    if moment.before is not None and begin < moment.before - 1:
+        # Before the first save: a random point of the iterations before it, from the
+        # start of training on (at least an iteration's margin before the save ends).
+        span = moment.before - 1 - begin
+        time.sleep(moment.fraction * span * timing["iteration"])
+        k = begin + 1 + int(moment.fraction * span)
+    else:
+        last = min(end, begin + reach)
+        k = begin + 1 + int(moment.fraction * max(last - begin, 0))
+        if begin < end and launch.out.wait_for(re.compile(rf"^ iteration\s+{k}/"), start.line,
+                                               deadline) is None:
+            return False, None
+        time.sleep(rng.random() * timing["iteration"])  # within about an iteration
     victim = launch.workers().get(moment.rank)
     _signal([victim] if victim else [], signal.SIGKILL)
     return victim is not None, k
