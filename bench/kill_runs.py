@@ -6,7 +6,8 @@ again after each kill, or ``torchrun --standalone --nproc_per_node=N --max-resta
 whose agent restarts the workers itself. The moments (``Moment.kind``):
 
 - ``startup``: a random delay after the (re)start, within the uninterrupted run's time
-  until training begins (imports, rendezvous, model, data, checkpoint loading);
+  until training begins (imports, rendezvous, model, data, checkpoint loading), and at
+  the latest when this start's training begins;
 - ``train``: a random delay after the log line of a random iteration of this start;
   with ``before`` (e.g. the first save), a random point between the start of training
   and the iteration before that one;
@@ -277,7 +278,10 @@ def _kill(start, moment, rng, timing, save_root, save_interval, kills_left, dead
     that the plan is spread over the run instead of reaching its end early."""
     launch = start.launch
     if moment.kind == "startup":
-        time.sleep(moment.fraction * timing["startup"])
+        # A random point of the uninterrupted run's startup time, but not after this
+        # start's training has begun (a start can be quicker than the reference).
+        launch.out.wait_for(TRAINING, start.line,
+                            time.monotonic() + moment.fraction * timing["startup"])
         victim = launch.workers().get(moment.rank)
         _signal([victim] if victim else [], signal.SIGKILL)
         return victim is not None, None
