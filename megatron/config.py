@@ -197,6 +197,10 @@ class LoggingConfig:
     wandb_exp_name: Optional[str] = _f(None, "Weights & Biases run name (--wandb-exp-name); None lets W&B pick.")
     wandb_save_dir: Optional[str] = _f(None, "Directory of the local W&B run files (--wandb-save-dir); None = "
                                              "<checkpoint.save>/wandb, or ./wandb without a save directory.")
+    memory_report: bool = _f(
+        True, "After the first iteration, log each rank role's measured peak tensor memory "
+              "beside the dry run's prediction (docs/dry_run.md); the prediction runs one "
+              "step on fake tensors before training starts.")
 
 
 SECTIONS = {
@@ -421,6 +425,9 @@ def finalize(cfg, world_size=1):
                           f"model.max_position_embeddings={m.max_position_embeddings}")
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = 4 * m.hidden_size
+    if m.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
     if p.sequence_parallel and tp == 1:
         # Sequence parallelism splits over TP ranks: with one rank it means nothing.
         p.sequence_parallel = False

@@ -58,6 +58,7 @@ from .collectives import (
     is_distributed,
     is_peer_lost,
 )
+from .collective_log import CollectiveLog
 from .rendezvous import launch_round_store
 from .mappings import (
     copy_to_tensor_model_parallel_region,

@@ -57,9 +57,16 @@ def init_process_group(backend, rank, world_size, timeout_minutes, device=None, 
     """Create the default process group (``store`` None: from MASTER_ADDR / MASTER_PORT).
 
     A collective that waits longer than ``timeout_minutes`` for another rank raises
-    (``is_collective_timeout``); the model-parallel subgroups get the same timeout."""
+    (``is_collective_timeout``); the model-parallel subgroups get the same timeout.
+    ``backend="fake"`` makes a world of ``world_size`` ranks in which this process plays
+    ``rank`` and no other rank exists: every collective and point-to-point op returns at
+    once without moving data (torch's fake process group; the dry run uses it)."""
     global _TIMEOUT
     kwargs = {}
+    if backend == "fake":
+        # Importing fake_pg registers the "fake" backend; its store needs no peers.
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        store = FakeStore() if store is None else store
     if device is not None and device.type == "cuda":
         kwargs["device_id"] = device
     if store is not None:
