@@ -21,7 +21,7 @@ import time
 import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
-from megatron.planning.flops import gpt_flops_per_iteration
+from megatron.planning.flops import model_flops_per_iteration
 from megatron.planning.measure import measure_peak_gflops
 from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
@@ -247,8 +247,7 @@ def main(argv=None):
             say("baseline skipped: it is a single-process model (run with one process to compare)")
         else:
             baseline = BaselineRunner(cfg, device, vocab)
-    F = gpt_flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, vocab,
-                                m.ffn_hidden_size, recompute=t.recompute == "full")
+    F = model_flops_per_iteration(m, t.global_batch_size, vocab, recompute=t.recompute == "full")
     tokens = t.global_batch_size * m.seq_length
     say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, seq "
         f"{m.seq_length}, vocab {vocab}, {n_params / 1e6:.1f} M parameters on rank 0; global batch "
@@ -293,7 +292,7 @@ def main(argv=None):
     say(f"ours: {ms:.0f} ms/iter, {tokens_per_s:.0f} tokens/s, {F / world / (ms / 1e3) / 1e9:.1f} "
         f"GFLOP/s per device, MFU {mfu:.3f} of the measured peak {peak:.1f} GFLOP/s")
     say(f"tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} baseline_ratio={ratio:.3f} "
-        f"ms_per_iter={ms:.1f} peak_gflops={peak:.1f}")
+        f"ms_per_iter={ms:.3f} peak_gflops={peak:.1f}")
     destroy_megatron()
     return 0
 
