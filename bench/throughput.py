@@ -293,7 +293,7 @@ def main(argv=None):
     say(f"ours: {ms:.0f} ms/iter, {tokens_per_s:.0f} tokens/s, {F / world / (ms / 1e3) / 1e9:.1f} "
         f"GFLOP/s per device, MFU {mfu:.3f} of the measured peak {peak:.1f} GFLOP/s")
     say(f"tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} baseline_ratio={ratio:.3f} "
-        f"ms_per_iter={ms:.1f} peak_gflops={peak:.1f}")
+        f"ms_per_iter={ms:.3f} peak_gflops={peak:.1f}")
     destroy_megatron()
     return 0
 

@@ -132,6 +132,9 @@ class TrainingConfig:
         None, "Hardware profile for the log's MFU: a name from megatron/planning/hardware.yaml "
               "(V100-32GB, A100-80GB, H100-80GB, H200) or a profiles .yaml file; None: MFU "
               "against a GEMM peak measured on the device at the first log line.")
+    distributed_timeout_minutes: float = _f(
+        10.0, "Minutes a collective waits for another rank before the run fails with a one-line "
+            "error (a hung or stopped rank); also the launch rendezvous' limit. Fractions allowed.")
 
 
 @dataclass
@@ -456,6 +459,9 @@ def finalize(cfg, world_size=1):
                           f"defaults to training.train_iters={t.train_iters})")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+    if not t.distributed_timeout_minutes > 0:
+        raise ConfigError(f"training.distributed_timeout_minutes={t.distributed_timeout_minutes} "
+                          f"must be positive")
     if cfg.checkpoint.keep_last_n is not None and cfg.checkpoint.keep_last_n < 1:
         raise ConfigError(f"checkpoint.keep_last_n={cfg.checkpoint.keep_last_n} must be at least 1")
     return cfg

@@ -20,7 +20,8 @@ import torch
 from megatron import checkpoint
 from megatron.config import finalize
 from megatron.errors import UserError
-from megatron.initialize import initialize_megatron, world_size_from_env
+from megatron.initialize import (CollectiveTimeoutError, PeerLostError, initialize_megatron,
+                                 world_size_from_env)
 from megatron.logging import is_last_rank, print_rank_0
 from megatron.metrics_writer import MetricsWriter, build_metrics_writer
 from megatron.mpu.collectives import fail_together
@@ -422,6 +423,13 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         if history["exit_reason"] is None:
             finish(run, history, tokenizer)
         return history
+    except RuntimeError as e:
+        # A hung or dead rank: one line, not a traceback from deep inside a collective.
+        if mpu.is_collective_timeout(e):
+            raise CollectiveTimeoutError(cfg.training.distributed_timeout_minutes) from None
+        if mpu.is_peer_lost(e):
+            raise PeerLostError() from None
+        raise
     finally:
         if writer is not None:
             writer.close()
