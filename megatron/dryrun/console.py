@@ -13,7 +13,8 @@ from megatron.dryrun.report import GIB
 
 
 def add_arguments(parser, world_size_default=1):
-    """``--world-size``, ``--rank``, ``--target``, ``--vocab-size``, ``--json``."""
+    """``--world-size``, ``--rank``, ``--target``, ``--vocab-size``, ``--json``,
+    ``--all-microbatches``."""
     parser.add_argument("--world-size", type=int, default=world_size_default,
                         help=f"ranks of the job to dry-run (default {world_size_default})")
     parser.add_argument("--rank", type=int, default=None,
@@ -26,6 +27,15 @@ def add_arguments(parser, world_size_default=1):
                         help="the tokenizer's vocabulary size, when its files are not at hand "
                              "(GPT-2 BPE is known: 50257)")
     parser.add_argument("--json", default=None, help="also write the reports to this JSON file")
+    parser.add_argument("--all-microbatches", action="store_true",
+                        help="simulate every micro batch of the step (default: as many as "
+                             "determine the memory peak, FLOPs and collectives extrapolated)")
+
+
+def _simulated(report):
+    m = report.layout["num_microbatches"]
+    k = report.simulated_microbatches
+    return f" (simulated {k} of {m} micro batches; counts extrapolated)" if 0 < k < m else ""
 
 
 def run(cfg, args, model_provider=None, forward_step_func=None, vocab_size=None):
@@ -45,7 +55,8 @@ def run(cfg, args, model_provider=None, forward_step_func=None, vocab_size=None)
     for rank in ranks:
         report = dry_run(cfg, world, rank, model_provider=model_provider,
                          forward_step_func=forward_step_func, vocab_size=vocab_size,
-                         target=args.target)
+                         target=args.target,
+                         all_microbatches=getattr(args, "all_microbatches", False))
         print("\n".join(report.format()), flush=True)
         reports.append(report)
     seconds = time.perf_counter() - start
@@ -53,7 +64,8 @@ def run(cfg, args, model_provider=None, forward_step_func=None, vocab_size=None)
     for r in reports:
         print(f"  rank {r.rank:>5} ({r.role}): peak {r.peak_bytes / GIB:.2f} GiB "
               f"(first step {r.first_step_peak_bytes / GIB:.2f}), "
-              f"{r.num_parameters / 1e6:.1f} M parameters, {r.flops / 1e12:.2f} TFLOPs per step")
+              f"{r.num_parameters / 1e6:.1f} M parameters, {r.flops / 1e12:.2f} TFLOPs per step"
+              f"{_simulated(r)}")
     if args.json:
         from megatron.checkpoint.files import atomic_write
         atomic_write(args.json, json.dumps([r.to_dict() for r in reports], indent=1) + "\n")

@@ -28,6 +28,11 @@ class DryRunReport:
     the whole job divided by ``world_size``. ``host_reads`` counts the values the step
     read back to the host (``.item()`` and friends), each answered with zero (the
     common path: no overflow, a finite norm).
+
+    ``simulated_microbatches``: how many of the step's ``layout["num_microbatches"]``
+    the dry run ran (all, or as many as determine the peak: then the FLOPs, the
+    collectives that come with each micro batch and the host reads are extrapolated to
+    all of them; the memory figures are those of the step, exactly).
     """
     rank: int
     world_size: int
@@ -50,6 +55,7 @@ class DryRunReport:
     formula_flops: float = 0.0
     host_reads: int = 0
     seconds: float = 0.0
+    simulated_microbatches: int = 0
 
     @property
     def state_bytes(self):
@@ -75,6 +81,11 @@ class DryRunReport:
             f"{', sequence parallel' if lay['sequence_parallel'] else ''}"
             f"{', distributed optimizer' if lay['distributed_optimizer'] else ''}, "
             f"micro batch {lay['micro_batch_size']} x {lay['num_microbatches']}",
+        ]
+        if 0 < self.simulated_microbatches < lay["num_microbatches"]:
+            lines.append(f"  simulated {self.simulated_microbatches} of {lay['num_microbatches']} "
+                         f"micro batches (the memory peak is theirs); counts extrapolated")
+        lines += [
             f"  parameters        {self.num_parameters / 1e6:12.2f} M",
             f"  parameter bytes   {gib(self.parameter_bytes)}",
             f"  gradient buffer   {gib(self.gradient_bytes)}",

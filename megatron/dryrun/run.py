@@ -21,6 +21,7 @@ from megatron.config import ConfigError, finalize
 from megatron.dryrun.flops import FlopCount
 from megatron.dryrun.kernels import CudaAttention
 from megatron.dryrun.memory import MemoryTracker, state_bytes, state_storages
+from megatron.dryrun.microbatches import extend, plan_sample, sampled
 from megatron.dryrun.report import DryRunReport
 from megatron.errors import UserError
 
@@ -37,10 +38,11 @@ def vocab_size_of(cfg):
     from megatron.tokenizer import build_tokenizer
     try:
         return build_tokenizer(cfg.tokenizer).vocab_size
-    except (ValueError, OSError):
+    except (ValueError, OSError) as e:
         if (cfg.tokenizer.type or "GPT2BPETokenizer") == "GPT2BPETokenizer":
             return GPT2_BPE_VOCAB_SIZE
-        raise
+        raise ConfigError(f"{e}; the dry run needs only the vocabulary size: pass "
+                          f"--vocab-size N (vocab_size= from Python)") from None
 
 
 def gpt_model_provider(cfg, vocab_size):
@@ -192,15 +194,21 @@ class _Job:
         return chunks, optimizer, build_scheduler(self.cfg, optimizer), \
             StepSchedule.from_config(self.cfg)
 
-    def step(self, parts, data, tracker, observers=()):
+    def step(self, parts, data, tracker, observers=(), sample=None, counters=None):
         """One training step (and the loop's per-step scalars) under ``tracker``: the
-        figures of that step. ``data`` is one micro-batch iterator per model chunk."""
+        figures of that step. ``data`` is one micro-batch iterator per model chunk.
+        With a ``Sample`` (``microbatches.py``) the schedule runs ``sample.simulated``
+        micro batches, and ``figures["periods"]`` holds ``counters()`` at the start and
+        the end of the measured period."""
         from megatron.schedules import ScheduleTrace
         from megatron.train_step import step_scalars, train_step
         chunks, optimizer, scheduler, schedule = parts
         trace = ScheduleTrace()
         run_schedule = schedule.forward_backward
-        schedule.forward_backward = _with_phase(tracker, run_schedule, trace)
+        periods = {}
+        inner = run_schedule if sample is None else sampled(run_schedule, sample, counters,
+                                                              periods)
+        schedule.forward_backward = _with_phase(tracker, inner, trace)
         device = next(chunks[0].parameters()).device
         mark = tracker.mark()
         reads = tracker.host_reads
@@ -217,10 +225,13 @@ class _Job:
         return dict(mark=mark, first_step_peak=tracker.peak,
                     activation_peak=tracker.phase_peaks["schedule"]
                     - tracker.phase_starts["schedule"],
-                    in_flight=trace.max_in_flight, host_reads=tracker.host_reads - reads)
+                    in_flight=trace.max_in_flight, host_reads=tracker.host_reads - reads,
+                    periods=periods,
+                    simulated=schedule.num_microbatches if sample is None else sample.simulated)
 
-    def report(self, rank, parts, figures, peak, log=None, flops=None, target="cpu"):
-        """The DryRunReport of this rank from a step's figures."""
+    def report(self, rank, parts, figures, peak, collectives=None, flops=None, target="cpu"):
+        """The DryRunReport of this rank from a step's figures (``collectives``: a
+        ``CollectiveLog.summary()``; ``flops``: a number)."""
         chunks, optimizer, _, schedule = parts
         p, t = self.cfg.parallel, self.cfg.training
         state = state_bytes(chunks, optimizer)
@@ -245,15 +256,15 @@ class _Job:
             activation_peak_bytes=figures["activation_peak"],
             in_flight_microbatches=figures["in_flight"],
             first_step_peak_bytes=figures["first_step_peak"], peak_bytes=peak,
-            collectives=[] if log is None else _collective_rows(log.summary(),
-                                                                bool(p.sequence_parallel)),
-            flops=0 if flops is None else int(flops.total),
+            collectives=[] if collectives is None else _collective_rows(
+                collectives, bool(p.sequence_parallel)),
+            flops=0 if flops is None else int(flops),
             formula_flops=formula_flops(self.cfg, self.world_size, self.padded_vocab),
-            host_reads=figures["host_reads"])
+            host_reads=figures["host_reads"], simulated_microbatches=figures["simulated"])
 
 
 def dry_run(cfg, world_size, rank=0, *, model_provider=None, forward_step_func=None,
-            vocab_size=None, target=None):
+            vocab_size=None, target=None, all_microbatches=False):
     """Dry-run global rank ``rank`` of a ``world_size``-rank job of ``cfg``; a DryRunReport.
 
     ``model_provider(pre_process, post_process)`` and ``forward_step_func(data_iterator,
@@ -264,6 +275,11 @@ def dry_run(cfg, world_size, rank=0, *, model_provider=None, forward_step_func=N
     default ``default_target(cfg)``. Layout errors raise ``ConfigError`` as they would at
     launch. The process must not have a process group of its own (the dry run makes and
     destroys a fake one).
+
+    Of many micro batches it simulates only as many as determine the peak (exact) and
+    extrapolates the counts that grow with them (FLOPs, per-micro-batch collectives, host
+    reads; ``microbatches.py``): ``simulated_microbatches`` of the report says how many
+    ran. ``all_microbatches`` runs every one.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -288,10 +304,23 @@ def dry_run(cfg, world_size, rank=0, *, model_provider=None, forward_step_func=N
             parts = job.build(torch.device("cpu"))
             data = [fake_batches(job.cfg.training.micro_batch_size, job.cfg.model.seq_length)
                     for _ in parts[0]]
+            sample = None if all_microbatches else plan_sample(
+                job.pp, job.vp, mpu.get_pipeline_model_parallel_rank(), parts[3].num_microbatches)
+
+            def counters():
+                return {"collectives": log.summary(), "flops": flops.total,
+                        "host_reads": tracker.host_reads}
             with kernels:
-                figures = job.step(parts, data, tracker, [log.observe, flops.observe])
+                figures = job.step(parts, data, tracker, [log.observe, flops.observe],
+                                   sample, counters)
+            counts = {"collectives": log.summary(), "flops": flops.total,
+                      "host_reads": figures["host_reads"]}
+            if sample is not None:
+                counts = extend(counts, figures["periods"]["start"], figures["periods"]["end"],
+                                sample.skipped_periods)
+                figures["host_reads"] = counts["host_reads"]
             report = job.report(rank, parts, figures, tracker.steady_peak(figures["mark"]),
-                                log, flops, target)
+                                counts["collectives"], counts["flops"], target)
             tracker.stop()
             del parts, data
     finally:
@@ -344,7 +373,7 @@ def measure(cfg, *, steps=2, model_provider=None, forward_step_func=None, vocab_
                 first, log = figures, step_log
             peak = figures["first_step_peak"]
     tracker.stop()
-    return job.report(mpu.get_global_rank(), parts, first, peak, log, None,
+    return job.report(mpu.get_global_rank(), parts, first, peak, log.summary(), None,
                       "cuda" if device.type == "cuda" else "cpu")
 
 
