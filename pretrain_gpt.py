@@ -1,7 +1,9 @@
 """Pretrain a GPT model: `[torchrun ...] python pretrain_gpt.py --config X.yaml [--config overlay.yaml] [section.key=value ...]`.
 
 Thin entry point: it supplies the model, the datasets and the forward step to
-`megatron.training.pretrain`. `--print-config` prints the resolved YAML and exits.
+`megatron.training.pretrain`. `--print-config` prints the resolved YAML and exits;
+`--dry-run [--world-size W] [--rank R]` runs one step of rank R of a W-rank job on fake
+tensors and prints its memory, collectives and FLOPs (docs/dry_run.md).
 """
 import argparse
 import functools
@@ -60,6 +62,21 @@ def _device_for(cfg):
     return select_device(cfg.training.device)
 
 
+def _dry_run(cfg, args):
+    """``--dry-run``: this script's model and forward step, on fake tensors (CPU)."""
+    import torch
+    from megatron.dryrun import vocab_size_of
+    from megatron.dryrun.console import run
+    from megatron.tokenizer import padded_vocab_size
+    vocab = args.vocab_size or vocab_size_of(cfg)
+    padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    run(cfg, args, model_provider=functools.partial(model_provider, cfg, padded, vocab_size=vocab),
+        forward_step_func=functools.partial(forward_step, device=torch.device("cpu")),
+        vocab_size=vocab)
+    return 0
+
+
 @command
 def main(argv=None):
     """Parse arguments, build the providers and train; user errors exit with one line."""
@@ -69,11 +86,19 @@ def main(argv=None):
                              "fields replace the earlier ones', e.g. tools/plan_layout.py --emit)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run one training step of a rank of a --world-size job on fake "
+                             "tensors and print its memory, collectives and FLOPs "
+                             "(docs/dry_run.md), then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    from megatron.dryrun.console import add_arguments
+    add_arguments(parser, world_size_default=int(os.environ.get("WORLD_SIZE", "1")))
     args = parser.parse_args(argv)
 
     # torch is imported only after the config is known good: errors come back fast.
     from megatron.config import load_config
+    if args.dry_run:
+        return _dry_run(load_config(args.config, args.overrides), args)
     cfg = load_config(args.config, args.overrides,
                       world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:

@@ -39,7 +39,8 @@ def _rank(rank, world_size, port, fn, args, results):
         from megatron import mpu
         if mpu.model_parallel_is_initialized():
             mpu.destroy_model_parallel()
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have left the group itself (bench/dry_run.py)
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size, *args, timeout=1800):

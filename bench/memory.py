@@ -2,10 +2,10 @@
 
 One fixed 8-layer GPT (fp32, dropout on) is built at TP=1, 2 and 4 (spawned
 gloo processes on CPU; also TP>1 with sequence parallelism) and run forward
-with recompute none, selective and full. Activation bytes are the unique
-storages that autograd saves for backward, counted with
-``torch.autograd.graph.saved_tensors_hooks`` (parameters excluded: they are
-counted as parameter bytes). Prints a table, then one line of key=value.
+with recompute none, selective and full. Activation bytes are the tensor
+storages a forward leaves alive for backward, followed by the storage tracker
+the dry run uses (``megatron.dryrun.MemoryTracker``; parameters excluded: they
+are counted as parameter bytes). Prints a table, then one line of key=value.
 
     python bench/memory.py [--layers 8 --hidden 256 --heads 8 --seq 256 --batch 2 --vocab 2048]
 """
@@ -18,6 +18,7 @@ import torch
 from harness import run_ranks  # bench/harness.py: a script's own directory leads sys.path
 from megatron import mpu
 from megatron.config import Config
+from megatron.dryrun import MemoryTracker
 from megatron.model import GPTModel
 
 MB = 2 ** 20
@@ -38,21 +39,19 @@ def build_cfg(args, tp, sp, recompute):
 
 
 def saved_activation_bytes(model, ids, pos, labels):
-    """Bytes of the unique non-parameter storages autograd keeps for backward
-    during one forward, then run backward (so the graph is known to be whole)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in param_storages:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes of the tensor storages one forward leaves alive for backward (the project's
+    one storage tracker, megatron.dryrun.MemoryTracker: each storage once, views
+    included; the parameters were alive before), then run backward (so the graph is
+    known to be whole)."""
+    tracker = MemoryTracker()
+    tracker.add_all(model.parameters())
+    before = tracker.current
+    with tracker:
         loss = model(ids, pos, labels).mean()
+    held = tracker.current - before
+    tracker.stop()
     loss.backward()
-    return sum(storages.values())
+    return held
 
 
 def measure(args, tp):

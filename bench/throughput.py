@@ -24,7 +24,7 @@ import torch
 
 import baseline_gpt2  # sibling scripts: a script's own directory leads sys.path
 import baseline_llama
-from megatron.planning.flops import gpt_flops_per_iteration, model_flops_options
+from megatron.planning.flops import model_flops_per_iteration
 from megatron.planning.measure import measure_peak_gflops
 from megatron.planning.measure import synchronize as _sync
 from megatron.utils import DTYPES
@@ -281,9 +281,7 @@ def main(argv=None):
                 "baselines are GPT-2's block and Llama's (rope, RMSNorm, swiglu, no biases)")
         else:
             baseline = BaselineRunner(cfg, device, vocab)
-    F = gpt_flops_per_iteration(t.global_batch_size, m.seq_length, m.num_layers, m.hidden_size, vocab,
-                                m.ffn_hidden_size, recompute=t.recompute == "full",
-                                **model_flops_options(m))
+    F = model_flops_per_iteration(m, t.global_batch_size, vocab, recompute=t.recompute == "full")
     tokens = t.global_batch_size * m.seq_length
     say(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads"
         f" ({m.query_groups()} query groups), seq {m.seq_length}, vocab {vocab}, block "
@@ -329,7 +327,7 @@ def main(argv=None):
     say(f"ours: {ms:.0f} ms/iter, {tokens_per_s:.0f} tokens/s, {F / world / (ms / 1e3) / 1e9:.1f} "
         f"GFLOP/s per device, MFU {mfu:.3f} of the measured peak {peak:.1f} GFLOP/s")
     say(f"tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} baseline_ratio={ratio:.3f} "
-        f"ms_per_iter={ms:.1f} peak_gflops={peak:.1f}")
+        f"ms_per_iter={ms:.3f} peak_gflops={peak:.1f}")
     destroy_megatron()
     return 0
 

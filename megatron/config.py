@@ -132,6 +132,9 @@ class TrainingConfig:
         None, "Hardware profile for the log's MFU: a name from megatron/planning/hardware.yaml "
               "(V100-32GB, A100-80GB, H100-80GB, H200) or a profiles .yaml file; None: MFU "
               "against a GEMM peak measured on the device at the first log line.")
+    distributed_timeout_minutes: float = _f(
+        10.0, "Minutes a collective waits for another rank before the run fails with a one-line "
+            "error (a hung or stopped rank); also the launch rendezvous' limit. Fractions allowed.")
 
 
 @dataclass
@@ -194,6 +197,10 @@ class LoggingConfig:
     wandb_exp_name: Optional[str] = _f(None, "Weights & Biases run name (--wandb-exp-name); None lets W&B pick.")
     wandb_save_dir: Optional[str] = _f(None, "Directory of the local W&B run files (--wandb-save-dir); None = "
                                              "<checkpoint.save>/wandb, or ./wandb without a save directory.")
+    memory_report: bool = _f(
+        True, "After the first iteration, log each rank role's measured peak tensor memory "
+              "beside the dry run's prediction (docs/dry_run.md); the prediction runs one "
+              "step on fake tensors before training starts.")
 
 
 SECTIONS = {
@@ -418,6 +425,9 @@ def finalize(cfg, world_size=1):
                           f"model.max_position_embeddings={m.max_position_embeddings}")
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = 4 * m.hidden_size
+    if m.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
     if p.sequence_parallel and tp == 1:
         # Sequence parallelism splits over TP ranks: with one rank it means nothing.
         p.sequence_parallel = False
@@ -449,6 +459,9 @@ def finalize(cfg, world_size=1):
                           f"defaults to training.train_iters={t.train_iters})")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+    if not t.distributed_timeout_minutes > 0:
+        raise ConfigError(f"training.distributed_timeout_minutes={t.distributed_timeout_minutes} "
+                          f"must be positive")
     if cfg.checkpoint.keep_last_n is not None and cfg.checkpoint.keep_last_n < 1:
         raise ConfigError(f"checkpoint.keep_last_n={cfg.checkpoint.keep_last_n} must be at least 1")
     return cfg

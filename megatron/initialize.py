@@ -10,6 +10,8 @@ import socket
 import numpy as np
 import torch
 
+from megatron.errors import UserError
+
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -39,10 +41,43 @@ def world_size_from_env():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device):
+class CollectiveTimeoutError(UserError, RuntimeError):
+    """A collective gave up waiting for another rank (hung, stopped or dead); one line
+    naming the timeout and how to change it."""
+
+    def __init__(self, timeout_minutes):
+        from megatron import mpu
+        super().__init__(
+            f"a collective operation on rank {mpu.get_global_rank()} timed out after "
+            f"{timeout_minutes:g} minute{'' if timeout_minutes == 1 else 's'} "
+            f"(training.distributed_timeout_minutes="
+            f"{timeout_minutes:g}): another rank stopped answering (hung, stopped or dead; "
+            f"see its output); raise training.distributed_timeout_minutes if it is only slow")
+
+
+class PeerLostError(UserError, RuntimeError):
+    """A collective lost its connection to another rank (that process died); one line."""
+
+    def __init__(self):
+        from megatron import mpu
+        super().__init__(
+            f"rank {mpu.get_global_rank()} lost its connection to another rank in a collective "
+            f"operation: that process died or was killed (its own error, if any, is in its "
+            f"output)")
+
+
+DEFAULT_TIMEOUT_MINUTES = 10  # training.distributed_timeout_minutes' default (Megatron's)
+
+
+def init_distributed(device, timeout_minutes=DEFAULT_TIMEOUT_MINUTES):
     """Create the default process group from torchrun's env or as a world of one.
 
-    Reuses an existing default group (tests that launch their own processes).
+    A collective waits at most `timeout_minutes` for another rank. Under torchrun's
+    shared agent store every launch round gets a store namespace of its own
+    (`mpu.launch_round_store`), so a restart after a killed worker comes up in one
+    round; otherwise (plain `python`, a launcher whose rank 0 hosts a fresh store)
+    torch's env:// rendezvous. Reuses an existing default group (tests that launch
+    their own processes).
     """
     from megatron import mpu
     if mpu.is_distributed():
@@ -54,8 +89,13 @@ def init_distributed(device):
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
         os.environ.setdefault("LOCAL_RANK", "0")
-    mpu.init_process_group(backend, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                           int(os.environ.get("MEGATRON_DIST_TIMEOUT_MIN", "30")), device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The same test torch's env:// handler makes before it connects as a client.
+        store = mpu.launch_round_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       rank, world_size, timeout_minutes)
+    mpu.init_process_group(backend, rank, world_size, timeout_minutes, device, store=store)
 
 
 def set_seeds(seed, device=None):
@@ -77,7 +117,7 @@ def initialize_megatron(cfg):
     """
     from megatron import mpu
     device = select_device(cfg.training.device)
-    init_distributed(device)
+    init_distributed(device, cfg.training.distributed_timeout_minutes)
     p = cfg.parallel
     if not mpu.model_parallel_is_initialized():
         try:

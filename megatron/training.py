@@ -8,6 +8,7 @@ the log window (`LogWindow`, megatron/training_log.py), `evaluate_and_log`,
 `save` and `exit_reason`. After the loop: the final validation, save, test
 evaluation and text sample (`finish`).
 """
+import contextlib
 import math
 import signal
 import time
@@ -19,7 +20,8 @@ import torch
 from megatron import checkpoint
 from megatron.config import finalize
 from megatron.errors import UserError
-from megatron.initialize import initialize_megatron, world_size_from_env
+from megatron.initialize import (CollectiveTimeoutError, PeerLostError, initialize_megatron,
+                                 world_size_from_env)
 from megatron.logging import is_last_rank, print_rank_0
 from megatron.metrics_writer import MetricsWriter, build_metrics_writer
 from megatron.mpu.collectives import fail_together
@@ -66,13 +68,26 @@ def build_model(cfg, model_provider, device):
                                post_process=mpu.is_pipeline_last_stage())
         # training.compile is applied inside GPTModel (each transformer layer is
         # compiled there); compiling the whole chunk again would trace it twice.
-        model = model.to(device=device, dtype=DTYPES[cfg.training.precision])
+        cast_module_(model, device, DTYPES[cfg.training.precision])
         chunks.append(DistributedDataParallel(
             model, accumulate_allreduce_grads_in_fp32=cfg.parallel.accumulate_allreduce_grads_in_fp32,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer))
     if vp > 1:
         mpu.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
+
+
+def cast_module_(module, device, dtype):
+    """Move ``module`` to ``device`` and its floating-point tensors to ``dtype`` in place.
+
+    Like ``Module.to``, but every parameter stays the same object, so the mpu attributes
+    set on it (tensor_model_parallel, tied_embedding, ...) stay too: ``Module.to`` swaps
+    whole tensors, attributes included, for fake tensors (the dry run) and under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``.
+    """
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def build_scheduler(cfg, optimizer):
@@ -135,6 +150,7 @@ class Run:
     train_data: Optional[Callable] = None
     valid_data: Optional[Callable] = None
     test_data: Optional[Callable] = None
+    memory_report: Optional[object] = None  # megatron.dryrun.runtime.MemoryReport
 
 
 def evaluate(run, data_factory):
@@ -220,14 +236,14 @@ def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
     print_rank_0(f"training: iterations {iteration} -> {t.train_iters}, global batch {gbs}, "
                  f"micro batch {t.micro_batch_size}, {run.schedule.num_microbatches} micro "
                  f"batches per step, data-parallel size {mpu.get_data_parallel_world_size()}")
+    memory = run.memory_report  # measured over this process's first iteration only
     while iteration < t.train_iters:
-        step = train_step(run.schedule, run.forward_step_func, train_iter, run.model_chunks,
-                          run.optimizer, run.scheduler)
+        with memory.measure(run) if memory else contextlib.nullcontext():
+            step = train_step(run.schedule, run.forward_step_func, train_iter, run.model_chunks,
+                              run.optimizer, run.scheduler)
         iteration += 1
         consumed_samples += gbs
         total_skipped += not step.update_successful
-        # Every rank has the global norm (None when clipping is off).
-        history["grad_norms"][iteration] = None if step.grad_norm is None else float(step.grad_norm)
 
         # The loss is only known on the last pipeline stage; the one per-step
         # all-reduce shares its DP mean (and the stop flags) with every rank.
@@ -235,6 +251,12 @@ def train(run, iteration, consumed_samples, exit_signal, rng_state=None):
                     and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins)
         loss, (sigterm, duration) = step_scalars(step.loss_dicts, last_stage,
                                                  [exit_signal.received, duration], run.device)
+        # Every rank has the global norm (None when clipping is off); read after the
+        # scalars' transfer has waited for the step anyway.
+        history["grad_norms"][iteration] = None if step.grad_norm is None else float(step.grad_norm)
+        if memory:
+            memory.log(run, iteration)
+            memory = None
         if last_stage:
             history["train_losses"][iteration] = loss
         nonfinite_run = 0 if math.isfinite(loss) else nonfinite_run + 1
@@ -363,6 +385,13 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
     from megatron.optimizer import get_megatron_optimizer
 
     finalize(cfg, world_size_from_env())  # layout errors before any process group exists
+    memory = None
+    if cfg.logging.memory_report:
+        # The dry run of this rank needs a fake world: before the real one exists.
+        from megatron.dryrun.runtime import MemoryReport
+        from megatron.initialize import select_device
+        memory = MemoryReport.predict(cfg, world_size_from_env(), model_provider,
+                                      forward_step_func, select_device(cfg.training.device))
     device = initialize_megatron(cfg)
     exit_signal = _ExitSignal()
     exit_signal.install()
@@ -389,11 +418,18 @@ def pretrain(cfg, model_provider, datasets_provider, forward_step_func, tokenize
         writer = build_metrics_writer(cfg, enabled=is_last_rank())
         run = Run(cfg, forward_step_func, model_chunks, optimizer, scheduler,
                   StepSchedule.from_config(cfg), device, writer,
-                  *build_data_iterators(cfg, datasets, consumed, device))
+                  *build_data_iterators(cfg, datasets, consumed, device), memory_report=memory)
         history = train(run, iteration, consumed, exit_signal, rng_state)
         if history["exit_reason"] is None:
             finish(run, history, tokenizer)
         return history
+    except RuntimeError as e:
+        # A hung or dead rank: one line, not a traceback from deep inside a collective.
+        if mpu.is_collective_timeout(e):
+            raise CollectiveTimeoutError(cfg.training.distributed_timeout_minutes) from None
+        if mpu.is_peer_lost(e):
+            raise PeerLostError() from None
+        raise
     finally:
         if writer is not None:
             writer.close()

@@ -27,12 +27,9 @@ def device_peak_flops(cfg, device):
 
 def model_flops_per_iteration(run):
     """Model FLOPs of one step of ``run`` (all devices, recomputation not counted)."""
-    from megatron.planning.flops import gpt_flops_per_iteration, model_flops_options
-    m = run.cfg.model
+    from megatron.planning.flops import model_flops_per_iteration as flops_of
     vocab = unwrap_model(run.model_chunks[0]).padded_vocab_size
-    return gpt_flops_per_iteration(run.cfg.training.global_batch_size, m.seq_length,
-                                   m.num_layers, m.hidden_size, vocab, m.ffn_hidden_size,
-                                   **model_flops_options(m))
+    return flops_of(run.cfg.model, run.cfg.training.global_batch_size, vocab)
 
 
 class LogWindow:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from megatron.planning.flops import gpt_flops_per_iteration, model_flops_options
+from megatron.planning.flops import gpt_flops_per_iteration
 from tests.helpers.model import batch, llama_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,11 +19,15 @@ def test_flops_count_query_groups_and_swiglu():
     gpt2 = load_config(os.path.join(ROOT, "configs", "gpt2_tiny.yaml"), [], world_size=1).model
     llama = load_config(os.path.join(ROOT, "configs", "llama_tiny.yaml"), [], world_size=1).model
     args = (16, 128, 4, 128, 8192)
+
+    def model_flops_options(m):
+        return {"num_attention_heads": m.num_attention_heads, "num_query_groups": m.num_query_groups,
+                "gated_mlp": m.activation == "swiglu"}
     # llama_tiny's layer has GPT-2's 12 h^2 weights (QKV 2 h^2 with 2 of 4 groups, SwiGLU 9 h^2)
     assert gpt_flops_per_iteration(*args, llama.ffn_hidden_size, **model_flops_options(llama)) == \
         gpt_flops_per_iteration(*args, gpt2.ffn_hidden_size, **model_flops_options(gpt2))
     plain = gpt_flops_per_iteration(*args, 384)
-    assert gpt_flops_per_iteration(*args, 384, gated=True) - plain == 3 * 16 * 128 * 4 * 2 * 128 * 384
+    assert gpt_flops_per_iteration(*args, 384, gated_mlp=True) - plain == 3 * 16 * 128 * 4 * 2 * 128 * 384
     mqa = gpt_flops_per_iteration(*args, 384, num_attention_heads=4, num_query_groups=1)
     assert plain - mqa == 3 * 16 * 128 * 4 * 2 * (2 * 128 * 128 - 2 * 128 * 32)
 
@@ -81,6 +85,6 @@ def test_throughput_runs_llama_tiny_with_its_baseline():
     assert f["baseline_ratio"] > 0 and f["tokens_per_s"] > 0
     # the GPT-2 BPE tokenizer's 8192 ids; two query groups of 4 heads, SwiGLU
     flops = gpt_flops_per_iteration(2, 32, 2, 64, 8192, 128, num_attention_heads=4,
-                                    num_query_groups=2, gated=True)
+                                    num_query_groups=2, gated_mlp=True)
     expected_mfu = flops / (f["ms_per_iter"] / 1e3) / (f["peak_gflops"] * 1e9)
     assert abs(f["mfu"] - expected_mfu) <= 0.002 + 0.01 * expected_mfu

@@ -46,6 +46,7 @@ from .collectives import (
     barrier,
     broadcast,
     collective_device,
+    default_timeout,
     destroy_process_group,
     fail_together,
     get_backend,
@@ -53,8 +54,12 @@ from .collectives import (
     get_global_world_size,
     get_group_world_size,
     init_process_group,
+    is_collective_timeout,
     is_distributed,
+    is_peer_lost,
 )
+from .collective_log import CollectiveLog
+from .rendezvous import launch_round_store
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,

@@ -50,21 +50,65 @@ def collective_device(group=None):
     return torch.device("cpu")
 
 
+_TIMEOUT = None  # the default group's collective timeout, when init_process_group made it
+
+
 def init_process_group(backend, rank, world_size, timeout_minutes, device=None, store=None):
-    """Create the default process group (``store`` None: from MASTER_ADDR / MASTER_PORT)."""
+    """Create the default process group (``store`` None: from MASTER_ADDR / MASTER_PORT).
+
+    A collective that waits longer than ``timeout_minutes`` for another rank raises
+    (``is_collective_timeout``); the model-parallel subgroups get the same timeout.
+    ``backend="fake"`` makes a world of ``world_size`` ranks in which this process plays
+    ``rank`` and no other rank exists: every collective and point-to-point op returns at
+    once without moving data (torch's fake process group; the dry run uses it)."""
+    global _TIMEOUT
     kwargs = {}
+    if backend == "fake":
+        # Importing fake_pg registers the "fake" backend; its store needs no peers.
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        store = FakeStore() if store is None else store
     if device is not None and device.type == "cuda":
         kwargs["device_id"] = device
     if store is not None:
         kwargs["store"] = store
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+                            timeout=timeout, **kwargs)
+    _TIMEOUT = timeout
+
+
+def default_timeout():
+    """The timeout ``init_process_group`` gave the default group (a timedelta), or None
+    when the group was made elsewhere; ``new_group`` would otherwise fall back to
+    torch's backend default (30 minutes for gloo, 10 for nccl), not the default group's."""
+    return _TIMEOUT if is_distributed() else None
+
+
+# What gloo ("Timed out waiting 60000ms for recv operation to complete") and nccl's
+# watchdog ("Watchdog caught collective operation timeout") say when a peer never came.
+_TIMEOUT_MESSAGES = ("Timed out waiting", "collective operation timeout")
+
+
+def is_collective_timeout(error):
+    """True when ``error`` is a collective that gave up waiting for another rank."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _TIMEOUT_MESSAGES)
+
+
+# What gloo says when the process at the other end of a connection died (killed, crashed).
+_PEER_LOST_MESSAGES = ("Connection reset by peer", "Connection closed by peer")
+
+
+def is_peer_lost(error):
+    """True when ``error`` is a collective whose connection to another rank broke."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MESSAGES)
 
 
 def destroy_process_group():
     """Destroy the default process group if there is one."""
+    global _TIMEOUT
     if is_distributed():
         dist.destroy_process_group()
+    _TIMEOUT = None
 
 
 def all_reduce(tensor, op="sum", group=None):
@@ -134,8 +178,11 @@ def fail_together(what, group=None):
         return
     try:
         yield
-    except Exception:
-        _failed_ranks(True, group)
+    except Exception as e:
+        # After a timed-out or broken collective the other ranks cannot be told: trying
+        # would only wait out the timeout a second time.
+        if not (is_collective_timeout(e) or is_peer_lost(e)):
+            _failed_ranks(True, group)
         raise
     bad = _failed_ranks(False, group)
     if bad:

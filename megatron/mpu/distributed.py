@@ -52,20 +52,22 @@ class GradBuffer:
         self.numel_unpadded = offset
         self.numel = -(-offset // data_parallel_size) * data_parallel_size
         self.data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
-        for p in self.params:
-            start, end = self.index[p]
-            p.main_grad = self.data[start:end].view_as(p)
+        for p, view in zip(self.params, self._views(self.data)):
+            p.main_grad = view
         self.param_data = None
         if with_param_buffer:
             # Parameters become views into one flat tensor so the updated
             # shards can be all-gathered in a single collective.
             self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
             with torch.no_grad():
-                for p in self.params:
-                    start, end = self.index[p]
-                    view = self.param_data[start:end].view_as(p)
-                    view.copy_(p.data)
+                for p, view in zip(self.params, self._views(self.param_data)):
+                    view.copy_(p)
                     p.data = view
+
+    def _views(self, flat):
+        """Each param's view into ``flat`` (laid out as ``index``), from one split."""
+        sizes = [p.numel() for p in self.params] + [self.numel - self.numel_unpadded]
+        return [part.view(p.shape) for p, part in zip(self.params, flat.split(sizes))]
 
     def shard_range(self, dp_rank):
         """Flat ``(start, end)`` of the shard that DP rank ``dp_rank`` owns."""

@@ -80,7 +80,8 @@ def stride_shard(full, dim, world_size, rank, stride=1):
     equal blocks and the shard is the concatenation of the rank's slice of each block
     ([gate; up] -> [gate_r; up_r]); with k = 1, the plain contiguous chunk."""
     if stride == 1:
-        return full.chunk(world_size, dim=dim)[rank]
+        size = full.shape[dim] // world_size  # the callers check divisibility first
+        return full.narrow(dim, rank * size, size)  # one view op (cheap under fake tensors)
     pieces = full.chunk(world_size * stride, dim=dim)
     return torch.cat([pieces[j * world_size + rank] for j in range(stride)], dim=dim)
 

@@ -18,6 +18,8 @@ and every group ``None``; the collectives in ``mappings`` skip groups of one.
 """
 import torch
 
+from . import collectives
+
 _TENSOR_MODEL_PARALLEL_GROUP = None
 _PIPELINE_MODEL_PARALLEL_GROUP = None
 _DATA_PARALLEL_GROUP = None
@@ -87,7 +89,12 @@ def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_paral
     dp = world_size // (tp * pp)
     ranks_per_stage = world_size // pp
 
-    new_group = torch.distributed.new_group
+    # The subgroups wait as long as the default group (training.distributed_timeout_minutes),
+    # not torch's per-backend default.
+    timeout = collectives.default_timeout()
+
+    def new_group(ranks):
+        return torch.distributed.new_group(ranks, timeout=timeout)
 
     # Data-parallel groups: same stage, same TP rank.
     dp_groups = []

@@ -26,25 +26,39 @@ def _sum_of_squares(grads):
     return torch.stack(norms).pow(2).sum()
 
 
-def get_grad_norm(grads_for_norm, include_data_parallel=False, device=None):
+def grad_norm_tensor(grads_for_norm, include_data_parallel=False, device=None):
     """L2 norm of the grads of all model-parallel ranks (and DP shards when
     ``include_data_parallel``: the distributed optimizer's disjoint shards).
 
-    ``grads_for_norm`` are this rank's counted grads. Returns a Python float
-    (inf or nan when a grad is not finite), equal on every rank.
+    ``grads_for_norm`` are this rank's counted grads. Returns a 0-dim float64 tensor
+    on ``device`` (inf or nan when a grad is not finite), equal on every rank, without
+    waiting for it on the host.
     """
     total = _sum_of_squares(grads_for_norm).to(torch.float32)
     if device is not None:
         total = total.to(device)
     mpu_distributed.all_reduce_sum_model_parallel(total, include_data_parallel)
-    return total.item() ** 0.5
+    return total.double().sqrt()
+
+
+def get_grad_norm(grads_for_norm, include_data_parallel=False, device=None):
+    """``grad_norm_tensor`` as a Python float (a host sync)."""
+    return float(grad_norm_tensor(grads_for_norm, include_data_parallel, device))
 
 
 def clip_grads_by_norm(grads, max_norm, total_norm):
-    """Scale ``grads`` in place so their global norm ``total_norm`` is at most ``max_norm``."""
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
+    """Scale ``grads`` in place so their global norm ``total_norm`` (a float or a 0-dim
+    tensor) is at most ``max_norm``. A tensor norm is used where it lives: no host sync."""
+    if not grads:
+        return
+    if not isinstance(total_norm, torch.Tensor):
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+        return
+    # Multiplying by exactly 1.0 where no clipping is due leaves the grads as they are.
+    clip_coeff = torch.clamp(max_norm / (total_norm + 1.0e-6), max=1.0)
+    torch._foreach_mul_(grads, clip_coeff.to(grads[0].device))
 
 
 def count_zeros(grads_for_norm, include_data_parallel=False, device=None):

@@ -82,7 +82,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def _copy_main_params_to_model_params(self):
         for e in self._order:
             shard = e.buffer.param_data[e.lo:e.hi]
-            if e.master.data_ptr() != shard.data_ptr():
+            if shard.dtype != torch.float32:  # else the master is this very shard
                 shard.copy_(e.master)
         for chunk in self.model_chunks:
             chunk.gather_params()
@@ -92,7 +92,7 @@ class DistributedOptimizer(MegatronOptimizer):
         """Refresh the fp32 shard masters from the (just loaded) model params."""
         for e in self._order:
             shard = e.buffer.param_data[e.lo:e.hi]
-            if e.master.data_ptr() != shard.data_ptr():
+            if shard.dtype != torch.float32:  # else the master is this very shard
                 e.master.copy_(shard)
 
     def _layout(self):

@@ -9,13 +9,12 @@ params back into the fp16/bf16 model params. Without a scaler (fp32, bf16) a
 non-finite global grad norm (again agreed over all ranks) skips the step;
 with ``clip_grad`` 0 there is no such check, as in Megatron.
 """
-import math
 
 import torch
 
 from megatron.mpu import distributed as mpu_distributed
 from megatron.optimizer.clip_grads import (clip_grads_by_norm, count_zeros,
-                                           counts_toward_norm, get_grad_norm)
+                                           counts_toward_norm, grad_norm_tensor)
 
 # Param dtypes that get an fp32 master copy.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -93,7 +92,9 @@ class MegatronOptimizer:
     @torch.no_grad()
     def step(self):
         """One optimizer step. Returns ``(update_successful, grad_norm, num_zeros)``;
-        grad_norm is None when clipping is off, num_zeros None unless logged."""
+        grad_norm (a 0-dim tensor: ``float()`` it to print) is None when clipping is
+        off, num_zeros None unless logged. Reads one value back to the host: the
+        found-inf flag with a loss scaler, else whether the norm is finite."""
         try:
             self._copy_model_grads_to_main_grads()
             main = [p for p, _ in self._main if p.grad is not None]
@@ -109,7 +110,7 @@ class MegatronOptimizer:
             device = self._device
             grad_norm = None
             if self.clip_grad > 0:
-                grad_norm = get_grad_norm(counted, self._norm_over_data_parallel, device)
+                grad_norm = grad_norm_tensor(counted, self._norm_over_data_parallel, device)
                 if self.grad_scaler is None and self._nonfinite_anywhere(grad_norm, device):
                     # Without a scaler the norm is the inf/NaN check; DP
                     # replicas must agree to skip or they would diverge.
@@ -129,7 +130,8 @@ class MegatronOptimizer:
 
     @staticmethod
     def _nonfinite_anywhere(grad_norm, device):
-        flag = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=device)
+        # The one host read of a step without a loss scaler: skip the update or not.
+        flag = (~torch.isfinite(grad_norm)).to(device=device, dtype=torch.float32).reshape(1)
         mpu_distributed.all_reduce_max_model_and_data_parallel(flag)
         return bool(flag.item() > 0)
 
@@ -196,7 +198,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             masters = []
             for p in group["params"]:
                 if p.dtype in HALF_DTYPES:
-                    master = p.detach().clone().float()
+                    master = p.detach().float()  # a copy: p is fp16/bf16
                     for attr in _MASTER_ATTRS:
                         if hasattr(p, attr):
                             setattr(master, attr, getattr(p, attr))
@@ -216,7 +218,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
 
     def _copy_main_params_to_model_params(self):
         if self._pairs:
-            torch._foreach_copy_([p.data for p, _ in self._pairs], [m for _, m in self._pairs])
+            torch._foreach_copy_([p for p, _ in self._pairs], [m for _, m in self._pairs])
 
     @torch.no_grad()
     def reload_model_params(self):

@@ -18,33 +18,34 @@ layers, the logit layer is not recomputed):
 
 Attention is counted as if unmasked (the papers' convention), so a causal
 kernel that skips the masked half does less work than is credited.
+
+Today's decoders (docs/models.md) change two terms: grouped-query attention's
+K and V projections are g/a as wide (QKV: h (h + 2 g h/a)), and SwiGLU has three
+h x f matrices instead of two. Per layer and token, forward:
+
+    2 * (h (h + 2 g h/a) + h^2 + k h f) + 4 s h        (k = 3 with SwiGLU, else 2)
+
+RoPE, RMSNorm and the activations are element-wise (not counted); an untied
+output layer does the tied one's 2 h V per token.
 """
 
 
 def layer_forward_flops_per_token(seq_length, hidden_size, ffn_hidden_size=None,
-                                  num_attention_heads=None, num_query_groups=None, gated=False):
+                                  num_attention_heads=None, num_query_groups=None,
+                                  gated_mlp=False):
     """Forward FLOPs of one transformer layer per token: its GEMMs (QKV, attention output,
-    the two MLP matrices) and attention's two s x s products (counted unmasked).
+    the MLP matrices) and attention's two s x s products (counted unmasked).
 
-    Today's decoders: with ``num_query_groups`` ng of ``num_attention_heads`` np, K and V
-    are ng / np as wide as Q (QKV h^2 (1 + 2 ng / np)); a ``gated`` MLP (SwiGLU) has three
-    h x ffn matrices instead of two. Attention's products are np heads either way.
-    """
+    Grouped-query attention (``num_query_groups`` K/V heads of ``num_attention_heads``)
+    narrows the K and V projections to ``g/a`` of h each; the attention products are
+    those of the a query heads either way. A gated MLP (SwiGLU) has three h x ffn
+    matrices (gate, up, down) instead of two."""
     s, h = seq_length, hidden_size
     ffn = ffn_hidden_size or 4 * h
-    kv = 2 * h * h
-    if num_attention_heads and num_query_groups:
-        kv = 2 * h * h * num_query_groups // num_attention_heads
-    mlp = (3 if gated else 2) * h * ffn
-    return 2 * (h * h + kv + h * h + mlp) + 2 * 2 * s * h
-
-
-def model_flops_options(model_cfg):
-    """The keyword arguments of ``layer_forward_flops_per_token`` / ``gpt_flops_per_iteration``
-    that a ModelConfig's decoder options set (query groups, a gated MLP)."""
-    return {"num_attention_heads": model_cfg.num_attention_heads,
-            "num_query_groups": model_cfg.num_query_groups,
-            "gated": model_cfg.activation == "swiglu"}
+    kv = h if not (num_attention_heads and num_query_groups) else \
+        num_query_groups * (h // num_attention_heads)
+    mlp_matrices = 3 if gated_mlp else 2
+    return 2 * (h * (h + 2 * kv) + h * h + mlp_matrices * h * ffn) + 2 * 2 * s * h
 
 
 def attention_core_forward_flops_per_token(seq_length, hidden_size):
@@ -61,24 +62,36 @@ def layer_passes(recompute):
 
 def gpt_flops_per_iteration(batch_size, seq_length, num_layers, hidden_size, vocab_size,
                             ffn_hidden_size=None, recompute=False, num_attention_heads=None,
-                            num_query_groups=None, gated=False):
+                            num_query_groups=None, gated_mlp=False):
     """Model FLOPs of one training iteration on `batch_size` sequences (all ranks together).
 
     Written out term by term so that a non-default FFN size is counted right;
     with ffn_hidden_size = 4h it equals the papers' closed form above. ``recompute``
     True or "full" counts the recomputed forward, "selective" the recomputed
-    attention core; False / "none" gives the model FLOPs. ``num_attention_heads``,
-    ``num_query_groups`` and ``gated`` as in ``layer_forward_flops_per_token``
-    (``model_flops_options(cfg.model)`` gives them).
+    attention core; False / "none" gives the model FLOPs. The decoder options
+    (``num_query_groups`` of ``num_attention_heads``, ``gated_mlp``) change the
+    layer's GEMMs (``layer_forward_flops_per_token``); an untied output layer does
+    the same work as the tied one.
     """
     B, s, l, h, V = batch_size, seq_length, num_layers, hidden_size, vocab_size
-    layer_fwd_per_token = layer_forward_flops_per_token(s, h, ffn_hidden_size, num_attention_heads,
-                                                        num_query_groups, gated)
+    layer_fwd_per_token = layer_forward_flops_per_token(
+        s, h, ffn_hidden_size, num_attention_heads, num_query_groups, gated_mlp)
     logit_fwd_per_token = 2 * h * V
     per_token = layer_passes(recompute) * l * layer_fwd_per_token + 3 * logit_fwd_per_token
     if recompute == "selective":
         per_token += l * attention_core_forward_flops_per_token(s, h)
     return B * s * per_token
+
+
+def model_flops_per_iteration(model_cfg, batch_size, vocab_size, recompute=False):
+    """``gpt_flops_per_iteration`` of a config's ``model`` section (its FFN size, query
+    groups and activation) on ``batch_size`` sequences with vocabulary ``vocab_size``."""
+    m = model_cfg
+    return gpt_flops_per_iteration(batch_size, m.seq_length, m.num_layers, m.hidden_size,
+                                   vocab_size, m.ffn_hidden_size, recompute,
+                                   num_attention_heads=m.num_attention_heads,
+                                   num_query_groups=m.num_query_groups,
+                                   gated_mlp=m.activation == "swiglu")
 
 
 def paper_closed_form(batch_size, seq_length, num_layers, hidden_size, vocab_size, recompute=False):

@@ -7,6 +7,8 @@ distributed optimizer, precision. ``Layout.overrides()`` gives the config
 fields that select it, so a plan can be written back as a config overlay.
 """
 from dataclasses import dataclass, replace
+from typing import Optional
+
 from megatron.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # the GPT-2 BPE vocabulary (encoder.json of the released model)
@@ -34,7 +36,11 @@ def true_vocab_size(cfg, vocab_size=None):
 @dataclass(frozen=True)
 class ModelShape:
     """A GPT's shape: layers, hidden size h, heads a, FFN size, sequence s, the tokenizer's
-    vocabulary (padded per TP size by ``padded_vocab``), position embeddings, dropout."""
+    vocabulary (padded per TP size by ``padded_vocab``), position embeddings, dropout, and
+    the decoder options of docs/models.md (defaults: GPT-2's block): ``num_query_groups``
+    (None: one per head), ``activation``, ``normalization``, ``position_embedding_type``
+    (with ``rotary_dim``, the dims of a head RoPE rotates), ``add_bias_linear``,
+    ``untie_embeddings_and_output_weights``."""
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -44,18 +50,61 @@ class ModelShape:
     max_position_embeddings: int
     make_vocab_size_divisible_by: int = 128
     dropout: bool = True
+    num_query_groups: Optional[int] = None
+    activation: str = "gelu_tanh"
+    normalization: str = "LayerNorm"
+    position_embedding_type: str = "learned"
+    rotary_dim: int = 0
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
 
     @classmethod
     def from_config(cls, cfg, vocab_size):
         """The shape of ``cfg.model`` with the tokenizer's vocabulary size ``vocab_size``."""
         m = cfg.model
+        rope = m.position_embedding_type == "rope"
         return cls(num_layers=m.num_layers, hidden_size=m.hidden_size,
                    num_attention_heads=m.num_attention_heads,
                    ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
                    seq_length=m.seq_length, vocab_size=int(vocab_size),
                    max_position_embeddings=m.max_position_embeddings or m.seq_length,
                    make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
-                   dropout=(m.hidden_dropout > 0 or m.attention_dropout > 0))
+                   dropout=(m.hidden_dropout > 0 or m.attention_dropout > 0),
+                   num_query_groups=m.num_query_groups, activation=m.activation,
+                   normalization=m.normalization,
+                   position_embedding_type=m.position_embedding_type,
+                   rotary_dim=m.rotary_dim() if rope else 0,
+                   add_bias_linear=m.add_bias_linear,
+                   untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights)
+
+    @property
+    def query_groups(self):
+        """K/V heads (groups of query heads sharing them): ``num_query_groups`` or one per head."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_size(self):
+        """Width of the keys (and of the values): query groups x head dim (h without GQA)."""
+        return self.query_groups * (self.hidden_size // self.num_attention_heads)
+
+    @property
+    def gated(self):
+        """Whether the MLP is gated (SwiGLU: gate and up projections, each ffn wide)."""
+        return self.activation == "swiglu"
+
+    @property
+    def rope(self):
+        """Whether positions enter as RoPE (no position table)."""
+        return self.position_embedding_type == "rope"
+
+    @property
+    def untied(self):
+        """Whether the output layer has its own weight (else it is the word embedding)."""
+        return self.untie_embeddings_and_output_weights
+
+    def norm_params(self):
+        """Parameters of one norm: LayerNorm's weight and bias, RMSNorm's weight."""
+        return self.hidden_size * (1 if self.normalization == "RMSNorm" else 2)
 
     def padded_vocab(self, tp):
         """Rows of the word embedding at tensor-parallel size ``tp`` (as the tokenizer pads)."""
@@ -63,16 +112,43 @@ class ModelShape:
         return -(-self.vocab_size // multiple) * multiple
 
     def layer_params(self, tp):
-        """Parameters of one transformer layer on one TP rank: the sharded QKV, dense and MLP
-        weights and column biases, plus the replicated row biases and LayerNorms."""
+        """Parameters of one transformer layer on one TP rank: the sharded QKV (K and V of
+        ``query_groups`` heads), dense and MLP weights (SwiGLU: gate and up) and column
+        biases, plus the replicated row biases and norms."""
         h, f = self.hidden_size, self.ffn_hidden_size
-        return (4 * h * h + 2 * h * f + 3 * h + f) // tp + 6 * h
+        qkv = h + 2 * self.kv_size
+        up = (2 if self.gated else 1) * f
+        split = h * qkv + h * h + h * up + f * h
+        replicated = 2 * self.norm_params()
+        if self.add_bias_linear:
+            split += qkv + up
+            replicated += 2 * h
+        return split // tp + replicated
+
+    def first_stage_params(self, tp):
+        """Parameters the first pipeline stage holds beyond its layers: the word embedding
+        shard (and the learned position table)."""
+        h = self.hidden_size
+        return self.padded_vocab(tp) // tp * h + (0 if self.rope else self.max_position_embeddings * h)
+
+    def last_stage_params(self, tp, pp):
+        """Parameters the last pipeline stage holds beyond its layers: the final norm and the
+        output layer's shard (the untied one; the tied embedding's copy when p > 1)."""
+        n = self.norm_params()
+        if self.untied or pp > 1:
+            n += self.padded_vocab(tp) // tp * self.hidden_size
+        return n
 
     def num_parameters(self):
-        """Parameters of the whole model at TP=1 (the tied output layer counted once)."""
-        h = self.hidden_size
-        return (self.num_layers * self.layer_params(1) + self.padded_vocab(1) * h
-                + self.max_position_embeddings * h + 2 * h)
+        """Parameters of the whole model at TP=1 (a tied output layer counted once)."""
+        return (self.num_layers * self.layer_params(1) + self.first_stage_params(1)
+                + self.last_stage_params(1, 1))
+
+    def flops_kwargs(self):
+        """The shape fields ``megatron.planning.flops`` takes beyond h, s, l and V."""
+        return dict(ffn_hidden_size=self.ffn_hidden_size,
+                    num_attention_heads=self.num_attention_heads,
+                    num_query_groups=self.query_groups, gated_mlp=self.gated)
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,11 @@ class RankMemory:
 def stage_params(shape, layout, rank):
     """Parameters held by pipeline rank ``rank`` (all its model chunks, one TP shard)."""
     t, p = layout.tp, layout.pp
-    h = shape.hidden_size
-    vocab_shard = shape.padded_vocab(t) // t
     n = shape.num_layers // p * shape.layer_params(t)
     if rank == 0:
-        n += vocab_shard * h + shape.max_position_embeddings * h
+        n += shape.first_stage_params(t)
     if rank == p - 1:
-        n += 2 * h  # final LayerNorm
-        if p > 1:
-            n += vocab_shard * h  # the last stage's copy of the tied word embedding
+        n += shape.last_stage_params(t, p)
     return n
 
 
@@ -80,42 +76,92 @@ def static_bytes(shape, layout, rank):
     return n * d, grads, masters, 8 * owned
 
 
+# Whose kernels count, per device name: (attention, element-wise ops).
+#   cpu:     CPU's SDPA (flash, or the math path with dropout); ATen's CPU kernels.
+#   cuda:    SDPA's flash / memory-efficient kernel; the Triton and compiled fusions.
+#   dry-run: what ``megatron.dryrun.dry_run(target="cuda")`` runs on fake CPU tensors: CUDA's
+#            attention kernel, every other op as on the CPU (it does not emulate Triton).
+KERNELS = {"cpu": ("cpu", "cpu"), "cuda": ("cuda", "cuda"), "dry-run": ("cuda", "cpu")}
+
+
+def _kernels(device):
+    if device not in KERNELS:
+        raise ValueError(f"device {device!r} is not one of {', '.join(KERNELS)}")
+    return KERNELS[device]
+
+
 def _mask_bytes(device, d):
     # CPU dropout keeps its mask in the activation dtype; the CUDA kernels keep bools.
-    return d if device == "cpu" else 1
+    return d if _kernels(device)[1] == "cpu" else 1
+
+
+def _norm_bytes(shape, device, d):
+    """What one norm keeps beyond its input and output: ``(bytes per row, bytes per
+    element)``. LayerNorm: mean and rstd per row (ATen's CPU kernel in the input dtype).
+    RMSNorm: rstd per row (fp32); ATen's CPU ``rms_norm`` also keeps the fp32 product
+    x * rstd (for the weight's grad) and, for fp16/bf16 input, its fp32 upcast of x;
+    the Triton kernel keeps only its input."""
+    cpu = _kernels(device)[1] == "cpu"
+    if shape.normalization == "RMSNorm":
+        return 4, (4 + (4 if d != 4 else 0)) if cpu else 0
+    return 2 * (d if cpu else 4), 0
+
+
+def mlp_activation_bytes(shape, device, d):
+    """Bytes per token the MLP's activation keeps on one TP rank, times TP: its input (the
+    first linear's output) and output. SwiGLU's reference (CPU) keeps the fp32 [gate, up]
+    (the input itself when fp32), silu(gate) in fp32 and the output; its Triton kernel
+    (CUDA) the input and the output."""
+    f = shape.ffn_hidden_size
+    if not shape.gated:
+        return 2 * f * d
+    if _kernels(device)[1] == "cpu":
+        return (8 + 4 + d) * f
+    return 3 * f * d
 
 
 def layer_activation_bytes(shape, layout, device="cuda"):
     """Bytes one transformer layer keeps for backward, per micro batch, by part:
-    ``replicated`` (what every TP rank holds whole unless sequence parallel: LayerNorm
-    inputs / outputs, residual dropout masks), ``split`` (divided over TP: QKV, attention
-    output, MLP), ``attention_core`` (what SDPA keeps beyond its q, k, v inputs) and
-    ``checkpoint`` (the layer input a full recompute keeps instead)."""
+    ``replicated`` (what every TP rank holds whole unless sequence parallel: norm inputs /
+    outputs and what the norms keep, residual dropout masks), ``split`` (divided over TP:
+    QKV, rotated q and k, attention output, MLP), ``attention_core`` (what SDPA keeps
+    beyond its q, k, v inputs), ``selective_inputs`` (what a selective recompute keeps
+    beyond ``split``) and ``checkpoint`` (the layer input a full recompute keeps instead).
+    ``device``: whose kernels count, a key of ``KERNELS``."""
+    attention_kernel, _ = _kernels(device)
     t, d = layout.tp, layout.dtype_bytes
     s, b, h = shape.seq_length, layout.micro_batch, shape.hidden_size
-    a, f = shape.num_attention_heads, shape.ffn_hidden_size
-    sbh = s * b * h
+    a = shape.num_attention_heads
+    sb, sbh = s * b, s * b * h
     rep = 1 / t if layout.sequence_parallel else 1
     m = _mask_bytes(device, d) if shape.dropout else 0
-    stats_bytes = d if device == "cpu" else 4  # ATen keeps LayerNorm stats in the input dtype
-    # Two LayerNorms (their outputs, the linears' inputs; mean and rstd), the attention
-    # residual (post-attention LayerNorm input), the layer output (next layer's input),
-    # two residual dropout masks.
-    replicated = rep * (sbh * (4 * d + 2 * m) + 4 * s * b * stats_bytes)
-    # QKV output (q, k, v are views of it), the attention output made contiguous for the
-    # dense layer, the GeLU input and output.
-    split = (sbh * (3 * d + d) + 2 * s * b * f * d) / t
+    norm_row, norm_elem = _norm_bytes(shape, device, d)
+    # Two norms (their outputs, the linears' inputs, and what each keeps), the attention
+    # residual (post-attention norm input), the layer output (next layer's input), two
+    # residual dropout masks.
+    replicated = rep * (sbh * (4 * d + 2 * m + 2 * norm_elem) + 2 * sb * norm_row)
+    # QKV output (q, k, v are views of it; K and V of the query groups only), RoPE's
+    # rotated q and k (new tensors), the attention output made contiguous for the dense
+    # layer, the MLP's activation input and output.
+    qkv = sb * (h + 2 * shape.kv_size) * d / t
+    rotated = sb * (h + shape.kv_size) * d / t if shape.rope else 0
+    split = qkv + rotated + (sbh * d + sb * mlp_activation_bytes(shape, device, d)) / t
     lse = 4 * b * a * s / t
     selective_inputs = 0  # what a selective recompute keeps beyond ``split``: q, k, v
-    if device == "cpu" and shape.dropout:
+    if attention_kernel == "cpu" and shape.dropout:
         # SDPA's math path (CPU, dropout on): q and k scaled / transposed fp32 copies, v as an
         # fp32 copy unless fp32 already (then it is a view of the QKV output); the scores'
-        # softmax, dropout mask and dropped scores, fp32.
-        core = sbh * (8 + (0 if d == 4 else 4)) / t + 12 * b * a * s * s / t
+        # softmax, dropout mask and dropped scores, fp32. (With grouped-query attention the
+        # math path's K/V are counted at the groups' width: not validated.)
+        kv = shape.kv_size
+        core = sb * (4 * h + 4 * kv + (0 if d == 4 else 4 * kv)) / t + 12 * b * a * s * s / t
+        # The rotated q and k are not kept then (their fp32 copies are)...
+        split -= rotated
+        selective_inputs = rotated  # ...but the recompute keeps them
         if d != 4:
-            split -= 3 * d * sbh / t  # the QKV output itself is not kept then...
-            selective_inputs = 3 * d * sbh / t  # ...but the recompute keeps it
-    elif device == "cpu":
+            split -= qkv  # nor is the QKV output itself...
+            selective_inputs += qkv  # ...but the recompute keeps it
+    elif attention_kernel == "cpu":
         core = lse  # flash kernel on CPU: the log-sum-exp; its output is the dense input
     else:
         core = sbh * d / t + lse  # flash kernel: its output and the log-sum-exp
@@ -167,6 +213,8 @@ def rank_memory(shape, layout, rank, device="cuda"):
     # embedding output and dropout mask with the token ids, or the received tensor).
     # A non-last chunk's output is released once sent, so its last layer's output is not.
     chunk = layers_per_chunk * per_layer
+    if shape.rope:
+        chunk += 2 * 4 * s * b * shape.rotary_dim  # the chunk's RoPE cos and sin, fp32
     ids = 3 * b * s * INT64 + (2 * b * s * INT64 if t > 1 else 0)  # tokens, labels, positions
     embed_input = rep * sbh * (d + m_bytes) + ids
     recv_input = rep * sbh * d
@@ -182,18 +230,26 @@ def rank_memory(shape, layout, rank, device="cuda"):
         held += chunk + (embed_input if is_first_chunk else recv_input)
         if not is_last_chunk:
             held -= released
-    # One layer's backward, MLP first: the grads of its output and residual, of the GeLU
-    # output and one weight grad (each saved tensor is freed once its node has run). Then
+    # One layer's backward, MLP first: the grads of its output and residual, of the
+    # activation's output and one weight grad (each saved tensor is freed once its node has run). Then
     # the attention, after the MLP's activations are gone: the recomputed core (selective)
     # and the grads of its s x s scores (math path) or of q, k, v (flash).
     # A full recompute first rebuilds the whole layer on top of the held inputs.
     f, a = shape.ffn_hidden_size, shape.num_attention_heads
-    mlp_held = rep * sbh * (d + m_bytes) + 2 * s * b * f * d / t
+    norm_row, norm_elem = _norm_bytes(shape, device, d)
+    mlp_held = (rep * sbh * (d + m_bytes + norm_elem)
+                + s * b * mlp_activation_bytes(shape, device, d) / t)
+    # The down projection's grads of its input and weight; SwiGLU's own backward then holds
+    # more (its reference: the fp32 grad of its output and those of silu(gate) and up, while
+    # its output is freed; Triton: the grad of its input).
     mlp_bwd = d * (2 * rep * sbh + s * b * f / t + f * h / t)
-    if device == "cpu" and shape.dropout:
+    if shape.gated:
+        act_bwd = (12 - d) * f if _kernels(device)[1] == "cpu" else 2 * f * d
+        mlp_bwd = max(mlp_bwd, d * 2 * rep * sbh + s * b * act_bwd / t)
+    if _kernels(device)[0] == "cpu" and shape.dropout:
         core_bwd = 4 * b * a * s * s / t + d * sbh / t
     else:
-        core_bwd = 3 * d * sbh / t
+        core_bwd = d * s * b * (h + 2 * shape.kv_size) / t  # grads of q, k, v
     full_layer = parts["replicated"] + parts["split"] + parts["attention_core"]
     rebuilt = {"full": full_layer - parts["checkpoint"],
                "selective": parts["attention_core"] - parts["selective_inputs"],
@@ -205,15 +261,21 @@ def rank_memory(shape, layout, rank, device="cuda"):
     moments = {"layer backward": layer_bwd}
     if last:
         sbv = s * b * vocab_t
-        # Final LayerNorm output (gathered whole for the logits with sequence parallelism).
-        head = sbh * d + rep * 4 * s * b * (d if device == "cpu" else 4)
+        # Final norm output (gathered whole for the logits with sequence parallelism) and
+        # what the norm keeps.
+        if shape.normalization == "RMSNorm":
+            head = sbh * d + rep * (s * b * norm_row + sbh * norm_elem)
+        else:
+            head = sbh * d + rep * 4 * s * b * (d if _kernels(device)[1] == "cpu" else 4)
+        # The cross entropy's fp32 logits minus their max: fp32 logits are shifted in place;
+        # fp16/bf16 ones are upcast (a temporary) and the shift is a third buffer.
         inplace = d == 4
-        moments["loss forward"] = head + sbv * (4 if inplace else d + 4)
+        moments["loss forward"] = head + sbv * (4 if inplace else d + 8)
         # Backward of the loss: the fp32 softmax becomes the logits' grad (cast to the
         # dtype), then the output layer's grads of its input and weight.
         moments["loss backward"] = head + max(sbv * (4 if inplace else 4 + d),
                                               sbv * d + sbh * d + vocab_t * h * d)
-        if p == 1:
+        if p == 1 and not shape.untied:
             # Tied embedding on one stage: the output layer's weight grad waits for the
             # embedding's before the grad hook runs; it spans the whole backward.
             moments["layer backward"] += vocab_t * h * d
@@ -240,4 +302,5 @@ def peak_memory(shape, layout, device="cuda"):
 
 
 __all__ = ["RankMemory", "rank_memory", "peak_memory", "static_bytes", "stage_params",
-           "layer_activation_bytes", "in_flight", "DTYPE_BYTES"]
+           "layer_activation_bytes", "mlp_activation_bytes", "in_flight", "KERNELS",
+           "DTYPE_BYTES"]

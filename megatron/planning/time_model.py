@@ -147,7 +147,7 @@ def step_time(shape, layout, hw, compute_efficiency, gpus_per_node=None):
     full = layout.recompute == "full"
 
     # One chunk, one micro batch, forward + backward.
-    fwd_flops = layers * b * s * layer_forward_flops_per_token(s, h, shape.ffn_hidden_size) / t
+    fwd_flops = layers * b * s * layer_forward_flops_per_token(s, h, **shape.flops_kwargs()) / t
     chunk_flops = fwd_flops * (4 if full else 3)
     if layout.recompute == "selective":
         chunk_flops += layers * b * s * attention_core_forward_flops_per_token(s, h) / t
@@ -189,7 +189,7 @@ def step_time(shape, layout, hw, compute_efficiency, gpus_per_node=None):
         if dp > 1:
             dp_t += 2 * grad_bytes / hw.memory_bandwidth  # the buffer is divided by DP first
         emb = 0.0
-        if p > 1 and rank in (0, p - 1):
+        if p > 1 and rank in (0, p - 1) and not shape.untied:  # only a tied embedding syncs
             emb = (vocab // t) * h * (4 if layout.grad_fp32 else d) / pp_bw
         opt = (owned * optimizer_bytes_per_param(layout.precision, layout.grad_fp32)
                / hw.memory_bandwidth)
@@ -198,12 +198,13 @@ def step_time(shape, layout, hw, compute_efficiency, gpus_per_node=None):
     dp_comm, embedding_comm, optimizer = max((after(r) for r in {0, p - 1}), key=sum)
     total = steps * per_mb + dp_comm + embedding_comm + optimizer
     gb = layout.global_batch
-    args = (gb, s, shape.num_layers, h, vocab, shape.ffn_hidden_size)
+    args = (gb, s, shape.num_layers, h, vocab)
+    kw = shape.flops_kwargs()
     return StepTime(compute=compute, elementwise=elementwise, tp_comm=tp_comm, pp_comm=pp_comm,
                     bubble=bubble, dp_comm=dp_comm, embedding_comm=embedding_comm,
                     optimizer=optimizer, total=total,
-                    model_flops=gpt_flops_per_iteration(*args),
-                    hardware_flops=gpt_flops_per_iteration(*args, recompute=layout.recompute),
+                    model_flops=gpt_flops_per_iteration(*args, **kw),
+                    hardware_flops=gpt_flops_per_iteration(*args, recompute=layout.recompute, **kw),
                     num_devices=layout.world_size, tokens=gb * s,
                     peak_flops=hw.peak(layout.precision))
 

@@ -2,7 +2,7 @@
 
 ``LAYOUTS`` covers TP, PP (1F1B and interleaved), DP, sequence parallelism,
 recompute none / selective / full, the distributed optimizer and fp32 / bf16 /
-fp16. ``measure_layouts`` runs on every rank of a gloo group (spawned by
+fp16, and (``LLAMA``) today's decoder with all its options. ``measure_layouts`` runs on every rank of a gloo group (spawned by
 ``bench/memory_model.py`` or the test) and measures each layout of that world
 size in turn; ``predicted_rows`` sets the model's figure beside each
 measurement.
@@ -37,6 +37,26 @@ LAYOUTS = [
     dict(name="TP2 DP2 SP distopt fp32", world=4,
          fields={"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True,
                  "parallel.distributed_optimizer": True}),
+]
+
+# Today's decoder with every option on (docs/models.md): RoPE, RMSNorm, SwiGLU, two query
+# groups of the four heads, no biases, an untied output layer, no dropout (as Llama).
+LLAMA = {"model.position_embedding_type": "rope", "model.normalization": "RMSNorm",
+         "model.activation": "swiglu", "model.num_query_groups": 2,
+         "model.add_bias_linear": False, "model.untie_embeddings_and_output_weights": True,
+         "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
+LAYOUTS += [
+    dict(name="Llama TP2 SP bf16 selective", world=2,
+         fields={**LLAMA, "parallel.tensor_model_parallel_size": 2,
+                 "parallel.sequence_parallel": True, "training.precision": "bf16",
+                 "training.recompute": "selective"}),
+    dict(name="Llama PP2 VP2 m4 fp32", world=2,
+         fields={**LLAMA, "parallel.pipeline_model_parallel_size": 2,
+                 "parallel.virtual_pipeline_model_parallel_size": 2,
+                 "training.global_batch_size": 8}),
+    dict(name="Llama DP2 distopt bf16 full", world=2,
+         fields={**LLAMA, "parallel.distributed_optimizer": True, "training.precision": "bf16",
+                 "training.recompute": "full"}),
 ]
 
 

@@ -15,6 +15,10 @@ from each other (tests/test_house_rules.py checks it).
   tests check.
 - ``tp_launch`` with ``tp_layer_checks`` and ``tp_cross_entropy_checks``: the one
   4-process launch of the mpu tests (layers and mappings, cross entropy, dropout masks).
+- ``collectives``: the collectives a layer and a training step must issue (the
+  collectives test, the dry-run tests).
+- ``dry_run_checks``: the dry run's validation layouts, measured on gloo and predicted
+  on fakes, and the runtime memory report's run (dry-run tests).
 
 The multi-process launcher itself is ``tests/dist_harness.py``. Functions run by it
 live at module level here so that spawn can pickle them by name.
