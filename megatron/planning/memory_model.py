@@ -36,6 +36,13 @@ class RankMemory:
     in_flight: int
     detail: str = ""
     parts: dict = field(default_factory=dict)
+    moments: dict = field(default_factory=dict)  # each candidate peak moment's transient
+
+    @property
+    def schedule_peak(self):
+        """The most the forward / backward schedule holds above the static bytes: the held
+        activations plus the largest transient before the optimizer step."""
+        return self.activations + max(v for k, v in self.moments.items() if k != "optimizer step")
 
     @property
     def static(self):
@@ -279,6 +286,16 @@ def rank_memory(shape, layout, rank, device="cuda"):
             # Tied embedding on one stage: the output layer's weight grad waits for the
             # embedding's before the grad hook runs; it spans the whole backward.
             moments["layer backward"] += vocab_t * h * d
+    if first:
+        # The word embedding's backward, at the end of a micro batch's backward through
+        # chunk 0 (its layers freed, the other micro batches in flight still held): the
+        # grad of the embedding output (whole [s, b, h]: the sequence-parallel scatter's
+        # backward gathers it) and the dense [V / t, h] grad of the embedding table, in the
+        # param dtype, before it is added to the grad buffer. With a tied output layer on
+        # one stage the output layer's weight grad still waits too.
+        tied_wait = vocab_t * h * d if p == 1 and not shape.untied else 0
+        moments["embedding backward"] = (-chunk + (released if p * v > 1 else 0)
+                                         + sbh * d + vocab_t * h * d + tied_wait)
     n = stage_params(shape, layout, rank)
     shard = -(-n // layout.dp) if layout.distributed_optimizer else n
     step_tmp = 0
@@ -292,7 +309,8 @@ def rank_memory(shape, layout, rank, device="cuda"):
     return RankMemory(pipeline_rank=rank, params=params, grads=grads, masters=masters,
                       optimizer_state=opt, activations=int(held),
                       transient=int(moments[name]), in_flight=flights,
-                      detail=name, parts=parts)
+                      detail=name, parts=parts,
+                      moments={k: int(v) for k, v in moments.items()})
 
 
 def peak_memory(shape, layout, device="cuda"):
