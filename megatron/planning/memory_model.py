@@ -114,6 +114,13 @@ def _norm_bytes(shape, device, d):
     return 2 * (d if cpu else 4), 0
 
 
+def _norm_keeps_input(shape, device, d):
+    """Whether a norm keeps its input for backward: all do but ATen's CPU ``rms_norm`` on
+    fp16/bf16, which keeps its fp32 upcast instead (then nothing keeps the attention
+    residual or a layer's output: the residual adds do not need them for backward)."""
+    return not (shape.normalization == "RMSNorm" and _kernels(device)[1] == "cpu" and d != 4)
+
+
 def mlp_activation_bytes(shape, device, d):
     """Bytes per token the MLP's activation keeps on one TP rank, times TP: its input (the
     first linear's output) and output. SwiGLU's reference (CPU) keeps the fp32 [gate, up]
@@ -146,7 +153,8 @@ def layer_activation_bytes(shape, layout, device="cuda"):
     # Two norms (their outputs, the linears' inputs, and what each keeps), the attention
     # residual (post-attention norm input), the layer output (next layer's input), two
     # residual dropout masks.
-    replicated = rep * (sbh * (4 * d + 2 * m + 2 * norm_elem) + 2 * sb * norm_row)
+    inputs = 2 * d if _norm_keeps_input(shape, device, d) else 0
+    replicated = rep * (sbh * (2 * d + inputs + 2 * m + 2 * norm_elem) + 2 * sb * norm_row)
     # QKV output (q, k, v are views of it; K and V of the query groups only), RoPE's
     # rotated q and k (new tensors), the attention output made contiguous for the dense
     # layer, the MLP's activation input and output.
@@ -225,7 +233,7 @@ def rank_memory(shape, layout, rank, device="cuda"):
     ids = 3 * b * s * INT64 + (2 * b * s * INT64 if t > 1 else 0)  # tokens, labels, positions
     embed_input = rep * sbh * (d + m_bytes) + ids
     recv_input = rep * sbh * d
-    released = rep * sbh * d
+    released = rep * sbh * d if _norm_keeps_input(shape, device, d) else 0
     flights = in_flight(layout, rank)
     # Chunks of this rank in flight: with interleaving they cycle over the v chunks; the
     # first rank's chunk 0 reads data, the last rank's last chunk ends in the loss.
