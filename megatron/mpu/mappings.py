@@ -73,7 +73,10 @@ def _split_along_first_dim(x):
         raise ValueError(f"sequence dimension ({x.size(0)}) is not divisible by the tensor "
                          f"model parallel size ({world_size})")
     rank = parallel_state.get_tensor_model_parallel_rank()
-    return x.chunk(world_size, dim=0)[rank].contiguous()
+    # A copy, not ``.contiguous()``: a slice of dim 0 is contiguous already, and the view
+    # would keep the whole [s, b, h] tensor alive for as long as the shard is saved for
+    # backward (the embedding output of each in-flight micro batch without dropout).
+    return x.chunk(world_size, dim=0)[rank].clone()
 
 
 def _gather_along_first_dim(x):

@@ -36,6 +36,13 @@ class RankMemory:
     in_flight: int
     detail: str = ""
     parts: dict = field(default_factory=dict)
+    moments: dict = field(default_factory=dict)  # each candidate peak moment's transient
+
+    @property
+    def schedule_peak(self):
+        """The most the forward / backward schedule holds above the static bytes: the held
+        activations plus the largest transient before the optimizer step."""
+        return self.activations + max(v for k, v in self.moments.items() if k != "optimizer step")
 
     @property
     def static(self):
@@ -107,6 +114,13 @@ def _norm_bytes(shape, device, d):
     return 2 * (d if cpu else 4), 0
 
 
+def _norm_keeps_input(shape, device, d):
+    """Whether a norm keeps its input for backward: all do but ATen's CPU ``rms_norm`` on
+    fp16/bf16, which keeps its fp32 upcast instead (then nothing keeps the attention
+    residual or a layer's output: the residual adds do not need them for backward)."""
+    return not (shape.normalization == "RMSNorm" and _kernels(device)[1] == "cpu" and d != 4)
+
+
 def mlp_activation_bytes(shape, device, d):
     """Bytes per token the MLP's activation keeps on one TP rank, times TP: its input (the
     first linear's output) and output. SwiGLU's reference (CPU) keeps the fp32 [gate, up]
@@ -139,7 +153,8 @@ def layer_activation_bytes(shape, layout, device="cuda"):
     # Two norms (their outputs, the linears' inputs, and what each keeps), the attention
     # residual (post-attention norm input), the layer output (next layer's input), two
     # residual dropout masks.
-    replicated = rep * (sbh * (4 * d + 2 * m + 2 * norm_elem) + 2 * sb * norm_row)
+    inputs = 2 * d if _norm_keeps_input(shape, device, d) else 0
+    replicated = rep * (sbh * (2 * d + inputs + 2 * m + 2 * norm_elem) + 2 * sb * norm_row)
     # QKV output (q, k, v are views of it; K and V of the query groups only), RoPE's
     # rotated q and k (new tensors), the attention output made contiguous for the dense
     # layer, the MLP's activation input and output.
@@ -218,7 +233,7 @@ def rank_memory(shape, layout, rank, device="cuda"):
     ids = 3 * b * s * INT64 + (2 * b * s * INT64 if t > 1 else 0)  # tokens, labels, positions
     embed_input = rep * sbh * (d + m_bytes) + ids
     recv_input = rep * sbh * d
-    released = rep * sbh * d
+    released = rep * sbh * d if _norm_keeps_input(shape, device, d) else 0
     flights = in_flight(layout, rank)
     # Chunks of this rank in flight: with interleaving they cycle over the v chunks; the
     # first rank's chunk 0 reads data, the last rank's last chunk ends in the loss.
@@ -279,6 +294,16 @@ def rank_memory(shape, layout, rank, device="cuda"):
             # Tied embedding on one stage: the output layer's weight grad waits for the
             # embedding's before the grad hook runs; it spans the whole backward.
             moments["layer backward"] += vocab_t * h * d
+    if first:
+        # The word embedding's backward, at the end of a micro batch's backward through
+        # chunk 0 (its layers freed, the other micro batches in flight still held): the
+        # grad of the embedding output (whole [s, b, h]: the sequence-parallel scatter's
+        # backward gathers it) and the dense [V / t, h] grad of the embedding table, in the
+        # param dtype, before it is added to the grad buffer. With a tied output layer on
+        # one stage the output layer's weight grad still waits too.
+        tied_wait = vocab_t * h * d if p == 1 and not shape.untied else 0
+        moments["embedding backward"] = (-chunk + (released if p * v > 1 else 0)
+                                         + sbh * d + vocab_t * h * d + tied_wait)
     n = stage_params(shape, layout, rank)
     shard = -(-n // layout.dp) if layout.distributed_optimizer else n
     step_tmp = 0
@@ -292,7 +317,8 @@ def rank_memory(shape, layout, rank, device="cuda"):
     return RankMemory(pipeline_rank=rank, params=params, grads=grads, masters=masters,
                       optimizer_state=opt, activations=int(held),
                       transient=int(moments[name]), in_flight=flights,
-                      detail=name, parts=parts)
+                      detail=name, parts=parts,
+                      moments={k: int(v) for k, v in moments.items()})
 
 
 def peak_memory(shape, layout, device="cuda"):
