@@ -10,3 +10,11 @@ if ROOT not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT])
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Triton reads TRITON_INTERPRET once, when it is imported, and torch imports it on the
+# way (torch.utils.flop_counter, which the dry run uses): without CUDA every Triton
+# kernel test needs the interpreter, so set it before any test imports anything.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
