@@ -2,9 +2,9 @@
 
 Layouts of GPT-2 345M and Llama 2 7B at full width, a few layers, 8 to 64 ranks
 (``megatron/planning/crosscheck.py``): the model's static bytes must be the dry run's,
-its activation peak and total peak within 10 % of the dry run's, for the first, a
-middle and the last pipeline stage. bench/RESULTS.md ("Memory model vs the dry run")
-has the table.
+its activation peak and total peak within 10 % of the dry run's (the activation peak
+not more than 5 % under), for the first, a middle and the last pipeline stage.
+bench/RESULTS.md ("Memory model vs the dry run") has the table.
 """
 import pytest
 
@@ -12,6 +12,7 @@ from megatron import mpu
 from megatron.planning.crosscheck import CASES, compare
 
 TOLERANCE_PCT = 10.0
+UNDER_PCT = 5.0
 # Adam keeps one fp32 step counter per parameter tensor; the model leaves them out.
 STEP_COUNTER_BYTES = 4
 
@@ -57,6 +58,15 @@ def test_peaks_within_10_percent_of_the_dry_run(rows, figure):
     bad = [f"{_where(r)}: model {r['model'][figure]} dry run {r['dry_run'][figure]} "
            f"({r['error_pct'][figure]:+.1f} %)" for r in rows
            if abs(r["error_pct"][figure]) > TOLERANCE_PCT]
+    assert not bad, "\n".join(bad)
+
+
+def test_activation_peaks_not_under_the_dry_run_by_more_than_5_percent(rows):
+    # Under-prediction is the unsafe side for a planner that drops what does not fit: the
+    # interleaved first stage was -8.4 % while the model left out the [s, b, h] tensors
+    # the schedules keep bound at a backward (memory_model.p2p_tensors).
+    bad = [f"{_where(r)}: {r['error_pct']['activations']:+.1f} %" for r in rows
+           if r["error_pct"]["activations"] < -UNDER_PCT]
     assert not bad, "\n".join(bad)
 
 

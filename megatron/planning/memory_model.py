@@ -18,6 +18,7 @@ recomputed layer, the optimizer's temporaries).
 from dataclasses import dataclass, field
 
 from megatron.planning.layout import DTYPE_BYTES
+from megatron.schedule_plan import num_warmup_forwards
 
 INT64 = 8
 
@@ -210,6 +211,36 @@ def in_flight(layout, rank):
     return min(2 * (p - rank - 1) + (v - 1) * p + 1, total)
 
 
+def p2p_tensors(layout, rank):
+    """``[s, b, h]`` tensors the pipeline schedules hold on rank ``rank`` beyond the micro
+    batches in flight and what the moment's own backward counts, per peak moment (read
+    off ``schedules.py``). A backward starts from the output grad received for it (a
+    layer's backward counts it as the grad of its output), which stays bound until the
+    chunk's backward returns: the embedding's backward, at its end, still sits on it. The
+    previous backward's input grad, sent, stays bound to the loop's variable until this
+    backward returns (the first rank's first chunk has no input grad: 1F1B's first rank
+    never holds one; the interleaved first rank does when a chunk-0 backward follows
+    chunk 1's, which the peak has). The interleaved schedule runs a step's forward and
+    backward before the one exchange that sends both, so a steady-state backward also
+    sits on that forward's output, not yet sent and released (1F1B sends it first); on
+    the last rank a loss forward / backward shares its step with a loss backward /
+    forward (no received grad, no output to send)."""
+    p, v, m = layout.pp, layout.vp, layout.num_microbatches
+    if p == 1:
+        return {"layer backward": 0, "embedding backward": 0, "loss forward": 0,
+                "loss backward": 0}
+    first = rank == 0
+    if v == 1:
+        # 1F1B: the previous backward's grad is bound from the second steady step on.
+        steady = m - min(p - rank - 1, m)
+        prev = 1 if not first and steady >= 2 else 0
+        return {"layer backward": prev, "embedding backward": 1 + prev, "loss forward": prev,
+                "loss backward": prev}
+    unsent = 1 if m * v > num_warmup_forwards(p, v, rank, m) else 0  # a steady state
+    return {"layer backward": 1 + unsent, "embedding backward": 2 + unsent,
+            "loss forward": unsent, "loss backward": 1}
+
+
 def rank_memory(shape, layout, rank, device="cuda"):
     """The predicted peak of pipeline rank ``rank`` as a ``RankMemory``."""
     t, p, v, d = layout.tp, layout.pp, layout.vp, layout.dtype_bytes
@@ -273,7 +304,10 @@ def rank_memory(shape, layout, rank, device="cuda"):
         layer_bwd = rebuilt + max(mlp_bwd, core_bwd - mlp_held)
     else:
         layer_bwd = max(mlp_bwd, rebuilt + core_bwd - mlp_held)
-    moments = {"layer backward": layer_bwd}
+    # The pipeline's sent / received / unsent [s, b, h] tensors at each moment (p2p_tensors).
+    boundary = rep * sbh * d
+    p2p = {k: n * boundary for k, n in p2p_tensors(layout, rank).items()}
+    moments = {"layer backward": layer_bwd + p2p["layer backward"]}
     if last:
         sbv = s * b * vocab_t
         # Final norm output (gathered whole for the logits with sequence parallelism) and
@@ -285,11 +319,12 @@ def rank_memory(shape, layout, rank, device="cuda"):
         # The cross entropy's fp32 logits minus their max: fp32 logits are shifted in place;
         # fp16/bf16 ones are upcast (a temporary) and the shift is a third buffer.
         inplace = d == 4
-        moments["loss forward"] = head + sbv * (4 if inplace else d + 8)
+        moments["loss forward"] = head + sbv * (4 if inplace else d + 8) + p2p["loss forward"]
         # Backward of the loss: the fp32 softmax becomes the logits' grad (cast to the
         # dtype), then the output layer's grads of its input and weight.
         moments["loss backward"] = head + max(sbv * (4 if inplace else 4 + d),
                                               sbv * d + sbh * d + vocab_t * h * d)
+        moments["loss backward"] += p2p["loss backward"]
         if p == 1 and not shape.untied:
             # Tied embedding on one stage: the output layer's weight grad waits for the
             # embedding's before the grad hook runs; it spans the whole backward.
@@ -303,7 +338,8 @@ def rank_memory(shape, layout, rank, device="cuda"):
         # one stage the output layer's weight grad still waits too.
         tied_wait = vocab_t * h * d if p == 1 and not shape.untied else 0
         moments["embedding backward"] = (-chunk + (released if p * v > 1 else 0)
-                                         + sbh * d + vocab_t * h * d + tied_wait)
+                                         + sbh * d + vocab_t * h * d + tied_wait
+                                         + p2p["embedding backward"])
     n = stage_params(shape, layout, rank)
     shard = -(-n // layout.dp) if layout.distributed_optimizer else n
     step_tmp = 0
@@ -328,5 +364,6 @@ def peak_memory(shape, layout, device="cuda"):
 
 
 __all__ = ["RankMemory", "rank_memory", "peak_memory", "static_bytes", "stage_params",
-           "layer_activation_bytes", "mlp_activation_bytes", "in_flight", "KERNELS",
+           "layer_activation_bytes", "mlp_activation_bytes", "in_flight", "p2p_tensors",
+           "KERNELS",
            "DTYPE_BYTES"]
