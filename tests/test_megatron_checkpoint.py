@@ -325,7 +325,8 @@ def test_training_resumes_from_an_import(imported, tmp_path, capsys):
     from megatron.config import load_config
     from megatron.inference.loader import load_inference_model
     from megatron.training import pretrain
-    from tests.helpers.training import make_corpus, reset_layout
+    from megatron.initialize import destroy_megatron
+    from tests.helpers.training import make_corpus
     prefix = make_corpus(str(tmp_path / "corpus"))
     cfg = load_config(os.path.join(imported, "config.yaml"), [
         f"checkpoint.load={imported}", f"data.data_path=[{prefix}]", "data.split=100,0,0",
@@ -343,7 +344,7 @@ def test_training_resumes_from_an_import(imported, tmp_path, capsys):
         history = pretrain(cfg, functools.partial(pretrain_gpt.model_provider, cfg, 512),
                            functools.partial(pretrain_gpt.datasets_provider, eod=511), step)
     finally:
-        reset_layout()
+        destroy_megatron()  # the layout and the default group: later tests start without one
     out = capsys.readouterr().out
     assert "no optimizer state in it; starting a fresh optimizer from the loaded weights" in out
     assert sorted(history["train_losses"]) == [11, 12]

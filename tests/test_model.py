@@ -231,12 +231,15 @@ def test_padded_vocabulary_is_masked_so_padding_changes_nothing():
     assert torch.equal(small.state_dict()[w][:true_vocab], large.state_dict()[w][:true_vocab])
     torch.testing.assert_close(loss_large, loss_small, rtol=1e-6, atol=0)
     for name, g in g_small.items():
+        # atol relative to each gradient's scale: the two vocabularies reduce in a different
+        # order (and with another thread count, differently again), which rounds near zero.
+        atol = 1e-5 * float(g.abs().max())
         if name == w:
-            torch.testing.assert_close(g_large[w][:true_vocab], g[:true_vocab], rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(g_large[w][:true_vocab], g[:true_vocab], rtol=1e-5, atol=atol)
             # padding rows take no part in the softmax, so they get no gradient
             assert not g[true_vocab:].any() and not g_large[w][true_vocab:].any()
         else:
-            torch.testing.assert_close(g_large[name], g, rtol=1e-5, atol=1e-8, msg=name)
+            torch.testing.assert_close(g_large[name], g, rtol=1e-5, atol=atol, msg=name)
     # The returned logits: -inf exactly on the padding ids, and the loss is their cross entropy.
     ids, pos, labels = batch(true_vocab)
     with torch.no_grad():
