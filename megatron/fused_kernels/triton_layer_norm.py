@@ -70,6 +70,22 @@ def _block_size(n_cols):
     return block
 
 
+def _num_warps(block):
+    return min(max(block // 256, 1), 16)
+
+
+def _row_partition(x2):
+    """(programs, rows per program) of a row-norm backward over ``x2`` [rows, cols]: enough
+    programs to fill the device, few enough that their partial weight sums stay small."""
+    n_rows = x2.shape[0]
+    if x2.is_cuda:
+        n_progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4
+    else:
+        n_progs = 4
+    rows_per_prog = triton.cdiv(n_rows, max(1, min(n_progs, n_rows)))
+    return triton.cdiv(n_rows, rows_per_prog), rows_per_prog
+
+
 class TritonLayerNormFunction(torch.autograd.Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension."""
 
@@ -82,7 +98,7 @@ class TritonLayerNormFunction(torch.autograd.Function):
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = _block_size(n_cols)
-        num_warps = min(max(block // 256, 1), 16)
+        num_warps = _num_warps(block)
         _ln_fwd_kernel[(n_rows,)](x2, y, weight, bias, mean, rstd, x2.stride(0), n_cols, eps,
                                   BLOCK=block, num_warps=num_warps)
         ctx.save_for_backward(x2, weight, mean, rstd)
@@ -96,17 +112,10 @@ class TritonLayerNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n_cols).contiguous()
         dx = torch.empty_like(x2)
         block = _block_size(n_cols)
-        # Enough programs to fill the device, few enough that the partial sums stay small.
-        if x2.is_cuda:
-            n_progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4
-        else:
-            n_progs = 4
-        n_progs = max(1, min(n_progs, n_rows))
-        rows_per_prog = triton.cdiv(n_rows, n_progs)
-        n_progs = triton.cdiv(n_rows, rows_per_prog)
+        n_progs, rows_per_prog = _row_partition(x2)
         dw_part = torch.empty(n_progs, n_cols, dtype=torch.float32, device=x2.device)
         db_part = torch.empty(n_progs, n_cols, dtype=torch.float32, device=x2.device)
-        num_warps = min(max(block // 256, 1), 16)
+        num_warps = _num_warps(block)
         _ln_bwd_kernel[(n_progs,)](dy2, x2, weight, mean, rstd, dx, dw_part, db_part,
                                    x2.stride(0), n_rows, n_cols, rows_per_prog,
                                    BLOCK=block, num_warps=num_warps)

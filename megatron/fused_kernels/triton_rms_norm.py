@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_layer_norm import _block_size
+from .triton_layer_norm import _block_size, _num_warps, _row_partition
 
 
 @triton.jit
@@ -59,7 +59,7 @@ class TritonRMSNormFunction(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = _block_size(n_cols)
-        num_warps = min(max(block // 256, 1), 16)
+        num_warps = _num_warps(block)
         _rms_fwd_kernel[(n_rows,)](x2, y, weight, rstd, x2.stride(0), n_cols, eps,
                                    BLOCK=block, num_warps=num_warps)
         ctx.save_for_backward(x2, weight, rstd)
@@ -73,15 +73,9 @@ class TritonRMSNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n_cols).contiguous()
         dx = torch.empty_like(x2)
         block = _block_size(n_cols)
-        if x2.is_cuda:
-            n_progs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4
-        else:
-            n_progs = 4
-        n_progs = max(1, min(n_progs, n_rows))
-        rows_per_prog = triton.cdiv(n_rows, n_progs)
-        n_progs = triton.cdiv(n_rows, rows_per_prog)
+        n_progs, rows_per_prog = _row_partition(x2)
         dw_part = torch.empty(n_progs, n_cols, dtype=torch.float32, device=x2.device)
-        num_warps = min(max(block // 256, 1), 16)
+        num_warps = _num_warps(block)
         _rms_bwd_kernel[(n_progs,)](dy2, x2, weight, rstd, dx, dw_part, x2.stride(0), n_rows,
                                     n_cols, rows_per_prog, BLOCK=block, num_warps=num_warps)
         return dx.view(ctx.x_shape), dw_part.sum(0).to(weight.dtype), None
