@@ -104,12 +104,16 @@ def build(vocab_size, seq_length, num_layers, num_heads, hidden_size, dropout=0.
           dtype=torch.float32, lr=1e-4, weight_decay=0.01):
     """The model and its AdamW (decay on >= 2-D parameters only, as nanoGPT does)."""
     model = GPT(vocab_size, seq_length, num_layers, num_heads, hidden_size, dropout).to(device=device, dtype=dtype)
+    return model, adamw(model, device, lr, weight_decay)
+
+
+def adamw(model, device, lr, weight_decay):
+    """AdamW with weight decay on >= 2-D parameters only (nanoGPT's rule), fused on CUDA."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
-    return model, optimizer
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
 def train_step(model, optimizer, idx, targets, amp_dtype=None):

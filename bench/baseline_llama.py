@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baseline_gpt2 import train_step  # noqa: F401  (the same step for both families)
+from baseline_gpt2 import adamw, train_step  # noqa: F401  (the same optimizer and step for both)
 
 
 def rope_tables(seq_length, head_dim, base):
@@ -117,9 +117,4 @@ def build(vocab_size, seq_length, num_layers, num_heads, hidden_size, num_kv_hea
     """The model and its AdamW (decay on >= 2-D parameters only, as baseline_gpt2.build)."""
     model = Llama(vocab_size, seq_length, num_layers, num_heads, hidden_size, num_kv_heads,
                   ffn_hidden_size, rope_base, eps, tie).to(device=device, dtype=dtype)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
-    return model, optimizer
+    return model, adamw(model, device, lr, weight_decay)
