@@ -47,14 +47,9 @@ def get_grad_norm(grads_for_norm, include_data_parallel=False, device=None):
 
 
 def clip_grads_by_norm(grads, max_norm, total_norm):
-    """Scale ``grads`` in place so their global norm ``total_norm`` (a float or a 0-dim
-    tensor) is at most ``max_norm``. A tensor norm is used where it lives: no host sync."""
+    """Scale ``grads`` in place so their global norm ``total_norm`` (``grad_norm_tensor``'s
+    0-dim tensor) is at most ``max_norm``, where the norm lives: no host sync."""
     if not grads:
-        return
-    if not isinstance(total_norm, torch.Tensor):
-        clip_coeff = max_norm / (total_norm + 1.0e-6)
-        if clip_coeff < 1.0:
-            torch._foreach_mul_(grads, clip_coeff)
         return
     # Multiplying by exactly 1.0 where no clipping is due leaves the grads as they are.
     clip_coeff = torch.clamp(max_norm / (total_norm + 1.0e-6), max=1.0)
